@@ -1,0 +1,501 @@
+"""Configuration: TOML files mapped onto frozen dataclasses, one per component.
+
+Every field has its default here and a comment with meaning and unit. Loading
+is strict: an unknown key, a wrong type or a bad value fails with the file,
+the dotted key and the reason (:class:`~hostmesh.ConfigError`), so nothing
+starts half-configured. Durations are seconds, written as numbers or as
+Consul/Go style strings (``"500ms"``, ``"10s"``, ``"5m"``, ``"72h"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from ._errors import ConfigError
+
+__all__ = [
+    "MINUTES",
+    "SECONDS",
+    "AgentConfig",
+    "ApiConfig",
+    "CheckDefinition",
+    "FieldError",
+    "ServerConfig",
+    "ServiceDefinition",
+    "from_mapping",
+    "load_agent_config",
+    "load_server_config",
+    "load_service_file",
+    "parse_duration",
+    "parse_hostport",
+]
+
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+HOURS = 60 * MINUTES
+
+#: Consul caps check output at 4 KB; we keep the same bound.
+MAX_CHECK_OUTPUT = 4 * 1024
+#: A service definition file larger than this is refused (they are a few hundred bytes).
+MAX_CONFIG_FILE = 1024 * 1024
+
+T = TypeVar("T")
+
+
+class FieldError(ValueError):
+    """Raised by validators: ``key`` is relative to the object being validated."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": SECONDS,
+    "m": MINUTES,
+    "h": HOURS,
+}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Parse ``"1m30s"``, ``"500ms"``, ``"10s"`` or a number of seconds.
+
+    Raises:
+        ValueError: the value is not a non-negative duration.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        if not text:
+            raise ValueError("empty duration")
+        pos = 0
+        seconds = 0.0
+        for match in _DURATION_RE.finditer(text):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            pos = match.end()
+        if pos != len(text):
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ValueError(
+                    f"invalid duration {value!r} (use seconds or e.g. '500ms', '10s', '5m')"
+                ) from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"invalid duration {value!r}: must be finite and >= 0")
+    return seconds
+
+
+def parse_hostport(value: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse ``host:port`` or ``[v6]:port``; port 0 means "any free port".
+
+    Raises:
+        ValueError: not a host:port with a port in 0..65535.
+    """
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"invalid address {value!r}: expected host:port")
+    return (host or default_host), int(port)
+
+
+def _check_name(value: str, what: str) -> None:
+    if not value or len(value) > 128 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", value):
+        raise FieldError(
+            what,
+            f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_', ':' or '-'",
+        )
+
+
+@dataclass(frozen=True)
+class CheckDefinition:
+    """One health check of a local service (Consul's check definition).
+
+    The kind comes from which of ``http``, ``tcp``, ``args`` or ``ttl`` is set;
+    exactly one must be.
+    """
+
+    id: str = ""  # unique on the node; default "service:<service id>[:<n>]"
+    name: str = ""  # for people; default "Service '<name>' check"
+    http: str = ""  # URL; 2xx passing, 429 warning, anything else critical
+    method: str = "GET"  # HTTP method for http checks
+    header: Mapping[str, str] = field(default_factory=dict)  # extra request headers
+    tls_skip_verify: bool = False  # http checks: accept any server certificate
+    tcp: str = ""  # host:port; a completed connect is passing
+    args: tuple[str, ...] = ()  # script argv; exit 0 passing, 1 warning, else critical
+    ttl: float = 0.0  # s; TTL check: critical unless updated through the API within ttl
+    interval: float = 10 * SECONDS  # s between runs (not for ttl); first run jittered
+    timeout: float = 0.0  # s per run; 0 = Consul's default: 10 s, script 30 s
+    success_before_passing: int = 0  # consecutive passes needed before passing
+    failures_before_critical: int = 0  # consecutive failures needed before critical
+    status: Literal["passing", "warning", "critical"] = "critical"  # initial status
+    notes: str = ""  # free text shown with the check
+    deregister_critical_service_after: float = 0.0  # s; 0 = never; Consul's minimum: 60 s
+
+    @property
+    def kind(self) -> str:
+        """``"http"``, ``"tcp"``, ``"script"`` or ``"ttl"``."""
+        if self.http:
+            return "http"
+        if self.tcp:
+            return "tcp"
+        if self.args:
+            return "script"
+        return "ttl"
+
+    @property
+    def effective_timeout(self) -> float:
+        """The run timeout: the configured one, or Consul's 10 s (30 s for scripts)."""
+        if self.timeout > 0:
+            return self.timeout
+        return 30 * SECONDS if self.kind == "script" else 10 * SECONDS
+
+    def __post_init__(self) -> None:
+        kinds = [k for k, v in (("http", self.http), ("tcp", self.tcp), ("args", self.args),
+                                ("ttl", self.ttl)) if v]
+        if len(kinds) != 1:
+            raise FieldError(
+                "http" if not kinds else kinds[1],
+                "a check needs exactly one of http, tcp, args or ttl"
+                + (f" (got {', '.join(kinds)})" if kinds else ""),
+            )
+        if self.http and not re.match(r"https?://[^\s/]+", self.http):
+            raise FieldError("http", f"invalid URL {self.http!r}: expected http(s)://host...")
+        if self.tcp:
+            try:
+                parse_hostport(self.tcp)
+            except ValueError as exc:
+                raise FieldError("tcp", str(exc)) from None
+        if self.kind != "ttl" and self.interval <= 0:
+            raise FieldError("interval", "must be > 0")
+        if self.id:
+            _check_name(self.id, "id")
+        for name in ("success_before_passing", "failures_before_critical"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, "must be >= 0")
+        if 0 < self.deregister_critical_service_after < MINUTES:
+            raise FieldError(
+                "deregister_critical_service_after", "must be 0 (never) or at least 1m"
+            )
+        if not re.fullmatch(r"[A-Z]{1,16}", self.method):
+            raise FieldError("method", f"invalid HTTP method {self.method!r}")
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    """A service instance on this node (a ``services.d/*.toml`` file or an API registration)."""
+
+    name: str  # service name, as in udvr.svc.mesh
+    id: str = ""  # instance id, unique on the node; default = name
+    address: str = ""  # where the instance listens; "" = the node's address
+    port: int = 0  # TCP port of the instance
+    tags: tuple[str, ...] = ()  # free labels; usable as DNS and proxy filters (v2, canary)
+    meta: Mapping[str, str] = field(default_factory=dict)  # key/values; meta.version names a subset
+    weight: int = 1  # relative weight in balancing and SRV answers, 1..65535
+    weight_warning: int = 1  # weight while the instance's health is warning
+    user: str = ""  # Unix user whose processes are this service (workload identity)
+    checks: tuple[CheckDefinition, ...] = ()  # health checks run by the agent
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name")
+        if not self.id:
+            object.__setattr__(self, "id", self.name)
+        _check_name(self.id, "id")
+        if not 0 <= self.port <= 65535:
+            raise FieldError("port", f"{self.port} is not a TCP port (0..65535)")
+        if not 0 <= self.weight <= 65535:
+            raise FieldError("weight", "must be in 0..65535")
+        if not 0 <= self.weight_warning <= 65535:
+            raise FieldError("weight_warning", "must be in 0..65535")
+        if self.address:
+            try:
+                ipaddress.ip_address(self.address)
+            except ValueError:
+                if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", self.address):
+                    raise FieldError("address", f"invalid address {self.address!r}") from None
+        for tag in self.tags:
+            if not tag or len(tag) > 128 or any(c.isspace() for c in tag):
+                raise FieldError("tags", f"invalid tag {tag!r}")
+        ids = set()
+        for i, check in enumerate(self.checks):
+            check_id = self.check_id(i)
+            if check_id in ids:
+                raise FieldError(f"checks[{i}].id", f"duplicate check id {check_id!r}")
+            ids.add(check_id)
+
+    def check_id(self, index: int) -> str:
+        """The id of ``checks[index]``: its own, or Consul's ``service:<id>[:<n>]``."""
+        check = self.checks[index]
+        if check.id:
+            return check.id
+        if len(self.checks) == 1:
+            return f"service:{self.id}"
+        return f"service:{self.id}:{index + 1}"
+
+    def check_name(self, index: int) -> str:
+        check = self.checks[index]
+        return check.name or f"Service '{self.name}' check"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The agent's local HTTP API (Consul-compatible subset, /metrics, /ready)."""
+
+    bind: str = "127.0.0.1:4191"  # host:port; loopback only in production (no auth)
+    max_body: int = 1024 * 1024  # bytes; request bodies above this get 413
+    max_connections: int = 256  # concurrent API connections; more are closed at once
+    header_timeout: float = 10 * SECONDS  # s to receive request headers (slow clients)
+    max_blocking_wait: float = 10 * MINUTES  # s; cap on ?wait= (Consul's cap too)
+
+
+def _default_node_name() -> str:
+    return socket.gethostname().split(".")[0] or "node"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The per-host agent (``/etc/hostmesh/agent.toml``)."""
+
+    node_name: str = field(default_factory=_default_node_name)  # default: short hostname
+    address: str = "127.0.0.1"  # address other hosts reach this one on
+    az: str = ""  # availability zone (eu-west-1a); "" = none
+    region: str = ""  # region (eu-west-1); "" = none
+    datacenter: str = "dc1"  # reported as Consul's Datacenter
+    meta: Mapping[str, str] = field(default_factory=dict)  # node meta (DNS TXT, catalog)
+    data_dir: str = "/var/lib/hostmesh"  # generation, registrations, last catalog
+    services_dir: str = "/etc/hostmesh/services.d"  # *.toml service definitions
+    servers: tuple[str, ...] = ()  # server addresses host:port
+    api: ApiConfig = field(default_factory=ApiConfig)
+    # s a deleted instance's or left node's tombstone is kept before GC; must
+    # exceed the time an update needs to reach every node (seconds at 1,000 nodes)
+    tombstone_ttl: float = 24 * HOURS
+    check_reap_interval: float = 30 * SECONDS  # s between DeregisterCriticalServiceAfter sweeps
+
+    def __post_init__(self) -> None:
+        _check_name(self.node_name, "node_name")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise FieldError("address", f"{self.address!r} is not an IP address") from None
+        for server in self.servers:
+            try:
+                parse_hostport(server)
+            except ValueError as exc:
+                raise FieldError("servers", str(exc)) from None
+        if self.tombstone_ttl <= 0:
+            raise FieldError("tombstone_ttl", "must be > 0")
+
+    @classmethod
+    def dev(cls, data_dir: str, services_dir: str = "") -> AgentConfig:
+        """The config ``hostmesh dev`` and tests use: loopback, AZ dev-1a."""
+        return cls(
+            az="dev-1a",
+            region="dev-1",
+            data_dir=data_dir,
+            services_dir=services_dir or str(Path(data_dir) / "services.d"),
+        )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """A server (``/etc/hostmesh/server.toml``)."""
+
+    bind: str = "0.0.0.0:4150"  # host:port of the server API
+    data_dir: str = "/var/lib/hostmesh-server"  # SQLite store and CA files
+    store: Literal["sqlite"] = "sqlite"  # the store backend
+
+    def __post_init__(self) -> None:
+        try:
+            parse_hostport(self.bind)
+        except ValueError as exc:
+            raise FieldError("bind", str(exc)) from None
+
+
+# --- the generic loader -----------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is str:
+        return "a string"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number or duration"
+    if tp is bool:
+        return "true or false"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return "a list"
+    if dataclasses.is_dataclass(tp) or origin in (dict, Mapping):
+        return "a table"
+    return str(tp)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(arm, value, key)
+            except FieldError as exc:
+                errors.append(exc.reason)
+        raise FieldError(key, "; ".join(errors))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is float:
+        try:
+            return parse_duration(value)
+        except (ValueError, TypeError) as exc:
+            raise FieldError(key, str(exc)) from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise FieldError(key, f"expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise FieldError(key, f"expected a table, got {value!r}")
+        _key_tp, val_tp = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise FieldError(key, f"keys must be strings, got {k!r}")
+            out[k] = _convert(val_tp, v, f"{key}.{k}")
+        return out
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise FieldError(key, f"expected a table, got {value!r}")
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in a dataclass, not input
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise FieldError(key, f"unknown key (known: {', '.join(sorted(fields))})")
+        kwargs[name] = _convert(hints[name], value, key)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise FieldError(key, "required key is missing")
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        raise FieldError(f"{prefix}.{exc.key}" if prefix else exc.key, exc.reason) from None
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any], *, source: str = "<config>") -> T:
+    """Build the dataclass ``cls`` from a parsed TOML/JSON mapping.
+
+    Raises:
+        ConfigError: naming ``source``, the dotted key and the reason.
+    """
+    try:
+        return _build(cls, data, "")
+    except FieldError as exc:
+        raise ConfigError(source, exc.key, exc.reason) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), "", exc.strerror or str(exc)) from None
+    if len(raw) > MAX_CONFIG_FILE:
+        raise ConfigError(str(path), "", f"file is larger than {MAX_CONFIG_FILE} bytes")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "", f"not UTF-8: {exc.reason}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "", f"invalid TOML: {exc}") from None
+
+
+def load_agent_config(path: str | Path | None) -> AgentConfig:
+    """Load ``agent.toml``; ``None`` gives the defaults."""
+    if path is None:
+        return AgentConfig()
+    return from_mapping(AgentConfig, _read_toml(Path(path)), source=str(path))
+
+
+def load_server_config(path: str | Path | None) -> ServerConfig:
+    """Load ``server.toml``; ``None`` gives the defaults."""
+    if path is None:
+        return ServerConfig()
+    return from_mapping(ServerConfig, _read_toml(Path(path)), source=str(path))
+
+
+def load_service_file(path: str | Path) -> list[ServiceDefinition]:
+    """Load a ``services.d`` file: one service at top level, or ``[[services]]``.
+
+    Raises:
+        ConfigError: the file, key and reason of the first problem.
+    """
+    data = _read_toml(Path(path))
+    if "services" in data:
+        if set(data) != {"services"} or not isinstance(data["services"], list):
+            raise ConfigError(
+                str(path), "services", "use either [[services]] tables or one top-level service"
+            )
+        out = []
+        for i, item in enumerate(data["services"]):
+            try:
+                out.append(_build(ServiceDefinition, item, f"services[{i}]"))
+            except FieldError as exc:
+                raise ConfigError(str(path), exc.key, exc.reason) from None
+        return out
+    return [from_mapping(ServiceDefinition, data, source=str(path))]

@@ -1,0 +1,1 @@
+"""Server cluster: stores, CA, agent sync, management API, leader duties."""
