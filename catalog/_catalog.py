@@ -83,9 +83,7 @@ class Catalog:
 
     def nodes(self) -> list[Node]:
         """Nodes that have not left, sorted by name (dead ones included)."""
-        return sorted(
-            (r.node for r in self._records.values() if not r.left), key=lambda n: n.name
-        )
+        return sorted((r.node for r in self._records.values() if not r.left), key=lambda n: n.name)
 
     def gc(self, now: float, ttl: float) -> list[str]:
         """Drop node tombstones older than ``ttl`` seconds; returns their names.

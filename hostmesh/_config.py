@@ -174,8 +174,16 @@ class CheckDefinition:
         return 30 * SECONDS if self.kind == "script" else 10 * SECONDS
 
     def __post_init__(self) -> None:
-        kinds = [k for k, v in (("http", self.http), ("tcp", self.tcp), ("args", self.args),
-                                ("ttl", self.ttl)) if v]
+        kinds = [
+            k
+            for k, v in (
+                ("http", self.http),
+                ("tcp", self.tcp),
+                ("args", self.args),
+                ("ttl", self.ttl),
+            )
+            if v
+        ]
         if len(kinds) != 1:
             raise FieldError(
                 "http" if not kinds else kinds[1],
@@ -240,7 +248,7 @@ class ServiceDefinition:
             if not tag or len(tag) > 128 or any(c.isspace() for c in tag):
                 raise FieldError("tags", f"invalid tag {tag!r}")
         ids = set()
-        for i, check in enumerate(self.checks):
+        for i in range(len(self.checks)):
             check_id = self.check_id(i)
             if check_id in ids:
                 raise FieldError(f"checks[{i}].id", f"duplicate check id {check_id!r}")
