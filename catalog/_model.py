@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -60,6 +61,7 @@ class Node:
     region: str = ""
     datacenter: str = "dc1"
     meta: Mapping[str, str] = field(default_factory=dict)
+    id: str = ""  # a UUID the agent makes once and keeps in its data dir (Consul's node ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,7 @@ def record_to_json(rec: NodeRecord) -> dict[str, Any]:
             "region": n.region,
             "datacenter": n.datacenter,
             "meta": dict(n.meta),
+            "id": n.id,
         },
         "generation": rec.generation,
         "version": rec.version,
@@ -192,7 +195,8 @@ def record_from_json(data: Any) -> NodeRecord:
         ValueError: the data is not a well-formed record.
     """
     try:
-        n = data["node"]
+        data = _obj(data)
+        n = _obj(data["node"])
         node = Node(
             name=_str(n["name"]),
             address=_str(n["address"]),
@@ -200,6 +204,7 @@ def record_from_json(data: Any) -> NodeRecord:
             region=_str(n.get("region", "")),
             datacenter=_str(n.get("datacenter", "dc1")),
             meta=_strmap(n.get("meta", {})),
+            id=_str(n.get("id", "")),
         )
         services = tuple(
             ServiceInstance(
@@ -207,13 +212,13 @@ def record_from_json(data: Any) -> NodeRecord:
                 name=_str(s["name"]),
                 address=_str(s.get("address", "")),
                 port=_int(s["port"]),
-                tags=tuple(_str(t) for t in s.get("tags", [])),
+                tags=tuple(_str(t) for t in _list(s.get("tags", []))),
                 meta=_strmap(s.get("meta", {})),
                 weight=_int(s.get("weight", 1)),
                 weight_warning=_int(s.get("weight_warning", 1)),
                 user=_str(s.get("user", "")),
             )
-            for s in data.get("services", [])
+            for s in map(_obj, _list(data.get("services", [])))
         )
         checks = tuple(
             CheckState(
@@ -225,9 +230,9 @@ def record_from_json(data: Any) -> NodeRecord:
                 kind=_str(c.get("kind", "")),
                 notes=_str(c.get("notes", "")),
             )
-            for c in data.get("checks", [])
+            for c in map(_obj, _list(data.get("checks", [])))
         )
-        removed = tuple((_str(i), float(t)) for i, t in data.get("removed", []))
+        removed = tuple(_removed(r) for r in _list(data.get("removed", [])))
         left = data.get("left", False)
         if not isinstance(left, bool):
             raise ValueError("left must be a boolean")
@@ -239,10 +244,28 @@ def record_from_json(data: Any) -> NodeRecord:
             checks=checks,
             removed=removed,
             left=left,
-            stamp=float(data.get("stamp", 0.0)),
+            stamp=_float(data.get("stamp", 0.0)),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"malformed node record: {exc!r}") from None
+
+
+def _obj(v: Any) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise ValueError(f"expected an object, got {type(v).__name__}")
+    return v
+
+
+def _list(v: Any) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(v, list | tuple):
+        raise ValueError(f"expected a list, got {type(v).__name__}")
+    return v
+
+
+def _removed(v: Any) -> tuple[str, float]:
+    if not isinstance(v, list | tuple) or len(v) != 2:
+        raise ValueError("expected an [instance id, time] pair")
+    return _str(v[0]), _float(v[1])
 
 
 def _str(v: Any) -> str:
@@ -257,7 +280,20 @@ def _int(v: Any) -> int:
     return v
 
 
+def _float(v: Any) -> float:
+    """A finite number (JSON may write a whole float as an integer)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"expected a number, got {type(v).__name__}")
+    try:
+        out = float(v)
+    except OverflowError:
+        raise ValueError("number out of range") from None
+    if not math.isfinite(out):
+        raise ValueError(f"expected a finite number, got {out!r}")
+    return out
+
+
 def _strmap(v: Any) -> dict[str, str]:
-    if not isinstance(v, dict):
+    if not isinstance(v, Mapping):
         raise ValueError("expected an object")
     return {_str(k): _str(x) for k, x in v.items()}

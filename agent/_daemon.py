@@ -1,0 +1,315 @@
+"""The agent daemon: wires local state, health checks and the local API.
+
+:class:`Agent` owns the catalog, this node's :class:`LocalState`, one
+:class:`CheckRunner` task per check, and the listeners. ``Agent.run`` binds
+every listener, then reports :class:`AgentAddresses` through ``task_status``
+and runs until cancelled.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+from hostmesh.catalog import Catalog, Health, Node
+
+from hostmesh._config import (
+    AgentConfig,
+    CheckDefinition,
+    ServiceDefinition,
+    load_service_file,
+    parse_hostport,
+)
+from hostmesh._errors import ConfigError, NotFoundError
+from hostmesh._httpserver import HttpLimits, serve_http
+from hostmesh._log import get_logger
+from hostmesh._metrics import Registry
+
+from ._checks import CheckRunner
+from ._state import SOURCE_API, LocalState, Registration
+
+__all__ = ["Agent", "AgentAddresses"]
+
+log = get_logger("hostmesh.agent")
+
+
+@dataclass(frozen=True)
+class AgentAddresses:
+    """Where a running agent listens (what ``nursery.start(agent.run)`` returns)."""
+
+    api: tuple[str, int]
+
+    @property
+    def api_url(self) -> str:
+        host, port = self.api
+        return f"http://{host}:{port}"
+
+
+class Agent:
+    """One host's agent.
+
+    Args:
+        config: the agent's configuration.
+        wall_clock: wall time for record stamps (tests may pin it).
+        http_transport: transport for HTTP checks (tests may inject one).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.catalog = Catalog()
+        self.metrics = Registry()
+        self._changed = trio.Event()
+        self._http_transport = http_transport
+        self._runners: dict[str, tuple[CheckRunner, trio.CancelScope, ServiceDefinition]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.ready = False
+        self.addresses: AgentAddresses | None = None
+        self.state = LocalState(
+            Node(
+                name=config.node_name,
+                address=config.address,
+                az=config.az,
+                region=config.region,
+                datacenter=config.datacenter,
+                meta=config.meta,
+            ),
+            Path(config.data_dir),
+            self.catalog,
+            wall_clock,
+            config.tombstone_ttl,
+            on_change=self.notify,
+        )
+        self._m_check_changes = self.metrics.counter(
+            "hostmesh_check_status_changes_total", "Check status changes by new status", ("status",)
+        )
+        self._m_reaped = self.metrics.counter(
+            "hostmesh_services_reaped_total",
+            "Services deregistered by DeregisterCriticalServiceAfter",
+        )
+        self._m_reloads = self.metrics.counter(
+            "hostmesh_reloads_total", "services.d reloads by result", ("result",)
+        )
+        self.metrics.gauge_func(
+            "hostmesh_catalog_index", "The catalog's change index", lambda: self.catalog.index
+        )
+        self.metrics.gauge_func(
+            "hostmesh_catalog_nodes", "Nodes in the catalog", lambda: len(self.catalog.nodes())
+        )
+        self.metrics.gauge_func(
+            "hostmesh_local_services",
+            "Service instances registered on this node",
+            lambda: len(self.state.registrations),
+        )
+        for status in Health:
+            self.metrics.gauge_func(
+                f"hostmesh_local_checks_{status.value}",
+                f"Local checks currently {status.value}",
+                functools.partial(self._count_checks, status),
+            )
+
+    def _count_checks(self, status: Health) -> int:
+        return sum(1 for c in self.state.record.checks if c.status is status)
+
+    # --- change notification (blocking queries) ---------------------------------
+
+    def notify(self) -> None:
+        """Wake everything waiting for the catalog to change."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for_index(self, min_index: int, wait: float) -> None:
+        """Return once ``catalog.index > min_index`` or after ``wait`` seconds."""
+        with trio.move_on_after(wait):
+            while self.catalog.index <= min_index:
+                await self._changed.wait()
+
+    # --- registrations ----------------------------------------------------------
+
+    def register(self, defn: ServiceDefinition, source: str = SOURCE_API) -> None:
+        """Register (or replace) a local service and (re)start its check runners.
+
+        Raises:
+            ValidationError: the registration conflicts with another.
+        """
+        self.state.register(defn, source)
+        wanted = {defn.check_id(i): c for i, c in enumerate(defn.checks)}
+        for check_id, (runner, scope, owner) in list(self._runners.items()):
+            if owner.id == defn.id and wanted.get(check_id) != runner.definition:
+                scope.cancel()
+                del self._runners[check_id]
+        for check_id, check in wanted.items():
+            if check_id not in self._runners:
+                self._start_runner(check_id, check, defn)
+        log.info("service registered", id=defn.id, service=defn.name, source=source)
+
+    def deregister(self, instance_id: str) -> Registration:
+        """Raises NotFoundError for an unknown instance id."""
+        reg = self.state.deregister(instance_id)
+        for check_id, (_runner, scope, owner) in list(self._runners.items()):
+            if owner.id == instance_id:
+                scope.cancel()
+                del self._runners[check_id]
+        log.info("service deregistered", id=instance_id, service=reg.definition.name)
+        return reg
+
+    def runner(self, check_id: str) -> CheckRunner:
+        """Raises NotFoundError for an unknown check id."""
+        entry = self._runners.get(check_id)
+        if entry is None:
+            raise NotFoundError(f'Unknown check ID "{check_id}"')
+        return entry[0]
+
+    def _on_check_change(self, check_id: str, status: Health, output: str) -> None:
+        if check_id in self._runners and self.state.set_check(check_id, status, output):
+            self._m_check_changes.labels(status.value).inc()
+            log.info("check status", check=check_id, status=status.value)
+
+    def _start_runner(
+        self, check_id: str, check: CheckDefinition, owner: ServiceDefinition
+    ) -> None:
+        assert self._nursery is not None, "register() before run()"
+        runner = CheckRunner(
+            check_id, check, self._on_check_change, http_transport=self._http_transport
+        )
+        scope = trio.CancelScope()
+        self._runners[check_id] = (runner, scope, owner)
+
+        async def run() -> None:
+            with scope:
+                await runner.run()
+
+        self._nursery.start_soon(run)
+
+    # --- services.d -------------------------------------------------------------
+
+    def _read_services_dir(self) -> dict[str, tuple[ServiceDefinition, str]]:
+        """Parse every ``*.toml`` in the services dir; all or nothing.
+
+        Raises:
+            ConfigError: the first bad file, key and reason.
+        """
+        root = Path(self.config.services_dir)
+        found: dict[str, tuple[ServiceDefinition, str]] = {}
+        if not root.is_dir():
+            return found
+        for path in sorted(root.glob("*.toml")):
+            for defn in load_service_file(path):
+                if defn.id in found:
+                    raise ConfigError(
+                        str(path), "id", f"instance id {defn.id!r} is also defined in "
+                        f"{found[defn.id][1].removeprefix('file:')}"
+                    )  # fmt: skip
+                found[defn.id] = (defn, f"file:{path}")
+        return found
+
+    def reload(self) -> None:
+        """Re-read services.d (SIGHUP): add, change and remove file services.
+
+        A bad file leaves every registration as it was and is logged.
+        """
+        try:
+            wanted = self._read_services_dir()
+        except ConfigError as exc:
+            self._m_reloads.labels("error").inc()
+            log.error("reload failed, keeping the running services", error=str(exc))
+            return
+        for reg in list(self.state.registrations.values()):
+            if reg.source.startswith("file:") and reg.definition.id not in wanted:
+                self.deregister(reg.definition.id)
+        for defn, source in wanted.values():
+            current = self.state.registrations.get(defn.id)
+            if current is None or current.definition != defn or current.source != source:
+                self.register(defn, source)
+        self._m_reloads.labels("ok").inc()
+        log.info("reloaded services", files=len({s for _, s in wanted.values()}))
+
+    # --- tasks ------------------------------------------------------------------
+
+    async def _reap_critical(self) -> None:
+        """Deregister services whose check stayed critical past its
+        DeregisterCriticalServiceAfter (Consul checks every 30 s)."""
+        while True:
+            await trio.sleep(self.config.check_reap_interval)
+            now = trio.current_time()
+            doomed = set()
+            for runner, _scope, owner in self._runners.values():
+                after = runner.definition.deregister_critical_service_after
+                since = runner.critical_since
+                if after > 0 and since is not None and now - since >= after:
+                    doomed.add(owner.id)
+            for instance_id in doomed:
+                if instance_id in self.state.registrations:
+                    self.deregister(instance_id)
+                    self._m_reaped.inc()
+                    log.warning("deregistered critical service", id=instance_id)
+
+    async def _reload_on_sighup(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                log.info("SIGHUP: reloading services.d")
+                self.reload()
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[AgentAddresses] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Start everything, report the bound addresses, run until cancelled.
+
+        Raises:
+            ConfigError: a bad services.d file or persisted state at start.
+            OSError: a listener could not bind.
+        """
+        from ._api import AgentApi  # the API module imports this one for types
+
+        files = self._read_services_dir()
+        persisted = self.state.load_persisted()
+        host, port = parse_hostport(self.config.api.bind)
+        api = AgentApi(self)
+        limits = HttpLimits(
+            max_body=self.config.api.max_body,
+            max_connections=self.config.api.max_connections,
+            header_timeout=self.config.api.header_timeout,
+        )
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for defn in persisted:
+                self.register(defn, SOURCE_API)
+            for defn, source in files.values():
+                self.register(defn, source)
+            api_addr = await nursery.start(
+                functools.partial(serve_http, api.handle, host, port, limits=limits, name="api")
+            )
+            nursery.start_soon(self._reap_critical)
+            if handle_signals:
+                nursery.start_soon(self._reload_on_sighup)
+            self.addresses = AgentAddresses(api=api_addr)
+            self.ready = True
+            log.info(
+                "agent started",
+                node=self.config.node_name,
+                az=self.config.az or "-",
+                generation=self.state.record.generation,
+                api=f"{api_addr[0]}:{api_addr[1]}",
+                services=len(self.state.registrations),
+            )
+            task_status.started(self.addresses)
+
+
+def jittered_wait(wait: float, rand: float) -> float:
+    """Consul adds up to wait/16 of random jitter to a blocking query's wait."""
+    return wait + math.floor(wait / 16 * rand * 1000) / 1000

@@ -1,0 +1,64 @@
+"""Shared test helpers: run Trio code with a bound, start real agents on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ParamSpec
+
+import trio
+import trio.testing
+from hostmesh.agent import Agent, AgentAddresses
+
+from hostmesh import AgentConfig, ApiConfig
+
+P = ParamSpec("P")
+
+
+def trio_test(
+    timeout: float = 20.0, *, mock_clock: bool = False
+) -> Callable[[Callable[P, Awaitable[None]]], Callable[P, None]]:
+    """Run an async test under ``trio.run`` with a ``fail_after`` bound.
+
+    With ``mock_clock`` time is a MockClock that jumps when every task is
+    blocked (no real sleeping); the bound is then in virtual seconds.
+    """
+
+    def decorate(fn: Callable[P, Awaitable[None]]) -> Callable[P, None]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+            async def main() -> None:
+                with trio.fail_after(timeout):
+                    await fn(*args, **kwargs)
+
+            clock = trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
+            trio.run(main, clock=clock)
+
+        return wrapper
+
+    return decorate
+
+
+def agent_config(tmp_path: Path, **overrides: Any) -> AgentConfig:
+    """A dev config on loopback with the API on a free port, data under tmp_path."""
+    cfg = AgentConfig.dev(
+        data_dir=str(tmp_path / "data"), services_dir=str(tmp_path / "services.d")
+    )
+    return replace(cfg, node_name="node-a", api=ApiConfig(bind="127.0.0.1:0"), **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    config: AgentConfig, **kwargs: Any
+) -> AsyncIterator[tuple[Agent, AgentAddresses]]:
+    """Start an agent in a nursery; stop it when the block ends."""
+    agent = Agent(config, **kwargs)
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(functools.partial(agent.run, handle_signals=False))
+        try:
+            yield agent, addrs
+        finally:
+            nursery.cancel_scope.cancel()
