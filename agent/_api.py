@@ -14,12 +14,11 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hostmesh.catalog import Health, healthy_instances, service_instances, service_names
-
 from hostmesh import __version__
 from hostmesh._config import MINUTES, parse_duration
 from hostmesh._errors import NotFoundError, ValidationError
 from hostmesh._httpserver import Request, Response, clamp_wait
+from hostmesh.catalog import Health, healthy_instances, service_instances, service_names
 
 from ._consul import (
     catalog_service_json,

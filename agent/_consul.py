@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hostmesh.catalog import CheckState, InstanceView, Node, ServiceInstance
-
 from hostmesh._config import CheckDefinition, FieldError, ServiceDefinition, from_mapping
 from hostmesh._errors import ConfigError, ValidationError
+from hostmesh.catalog import CheckState, InstanceView, Node, ServiceInstance
 
 __all__ = [
     "catalog_service_json",

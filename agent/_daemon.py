@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import trio
-from hostmesh.catalog import Catalog, Health, Node
 
 from hostmesh._config import (
     AgentConfig,
@@ -31,6 +30,7 @@ from hostmesh._errors import ConfigError, NotFoundError
 from hostmesh._httpserver import HttpLimits, serve_http
 from hostmesh._log import get_logger
 from hostmesh._metrics import Registry
+from hostmesh.catalog import Catalog, Health, Node
 
 from ._checks import CheckRunner
 from ._state import SOURCE_API, LocalState, Registration

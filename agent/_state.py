@@ -19,10 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostmesh.catalog import Catalog, CheckState, Health, Node, NodeRecord, ServiceInstance
-
 from hostmesh._config import ServiceDefinition
 from hostmesh._errors import ConfigError, NotFoundError, ValidationError
+from hostmesh.catalog import Catalog, CheckState, Health, Node, NodeRecord, ServiceInstance
 
 from ._consul import service_from_consul, service_to_consul
 

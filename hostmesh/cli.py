@@ -157,13 +157,16 @@ def server(
 def dev(
     log_level: LogLevelOpt = "warning",
     log_format: LogFormatOpt = "text",
-    api: Annotated[str, typer.Option(help="Agent API address.")] = DEFAULT_AGENT,
+    api: Annotated[str, typer.Option(help="Agent API address (port 0: any).")] = DEFAULT_AGENT,
+    server_api: Annotated[
+        str, typer.Option(help="Server API address (port 0: any).")
+    ] = "127.0.0.1:4150",
 ) -> None:
-    """Run a server and an agent in one process on built-in defaults (try hostmesh)."""
+    """Run a server and an agent in one process on built-in defaults: try hostmesh."""
     from ._daemons import run_dev
 
     _setup_logs(log_level, log_format)
-    _run_daemon(lambda: run_dev(api_bind=api, out=console))
+    _run_daemon(lambda: run_dev(api_bind=api, server_bind=server_api, out=console))
 
 
 # --- queries -----------------------------------------------------------------------

@@ -11,9 +11,9 @@ from typing import Any, ParamSpec
 
 import trio
 import trio.testing
-from hostmesh.agent import Agent, AgentAddresses
 
 from hostmesh import AgentConfig, ApiConfig
+from hostmesh.agent import Agent, AgentAddresses
 
 P = ParamSpec("P")
 

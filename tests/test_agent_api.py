@@ -11,9 +11,9 @@ import httpx
 import pytest
 import trio
 from conftest import agent_config, running_agent, trio_test
-from hostmesh.agent import Agent
 
 from hostmesh import ConfigError
+from hostmesh.agent import Agent
 
 pytestmark = pytest.mark.sockets
 
