@@ -256,8 +256,11 @@ class Agent:
                     self._m_reaped.inc()
                     log.warning("deregistered critical service", id=instance_id)
 
-    async def _reload_on_sighup(self) -> None:
+    async def _reload_on_sighup(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            task_status.started()  # from here a SIGHUP reloads instead of killing us
             async for _ in signals:
                 log.info("SIGHUP: reloading services.d")
                 self.reload()
@@ -296,7 +299,7 @@ class Agent:
             )
             nursery.start_soon(self._reap_critical)
             if handle_signals:
-                nursery.start_soon(self._reload_on_sighup)
+                await nursery.start(self._reload_on_sighup)
             self.addresses = AgentAddresses(api=api_addr)
             self.ready = True
             log.info(

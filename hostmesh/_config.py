@@ -82,7 +82,12 @@ def parse_duration(value: str | float | int) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration, got a boolean")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError(f"invalid duration {value!r}: too large") from None
+    elif not isinstance(value, str):
+        raise ValueError(f"expected a duration, got {type(value).__name__}")
     else:
         text = value.strip()
         if not text:
@@ -117,7 +122,7 @@ def parse_hostport(value: str, *, default_host: str = "127.0.0.1") -> tuple[str,
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"invalid address {value!r}: expected host:port")
     return (host or default_host), int(port)
 
@@ -277,6 +282,12 @@ class ApiConfig:
     max_connections: int = 256  # concurrent API connections; more are closed at once
     header_timeout: float = 10 * SECONDS  # s to receive request headers (slow clients)
     max_blocking_wait: float = 10 * MINUTES  # s; cap on ?wait= (Consul's cap too)
+
+    def __post_init__(self) -> None:
+        try:
+            parse_hostport(self.bind)
+        except ValueError as exc:
+            raise FieldError("bind", str(exc)) from None
 
 
 def _default_node_name() -> str:
@@ -501,6 +512,8 @@ def load_service_file(path: str | Path) -> list[ServiceDefinition]:
             )
         out = []
         for i, item in enumerate(data["services"]):
+            if not isinstance(item, Mapping):
+                raise ConfigError(str(path), f"services[{i}]", f"expected a table, got {item!r}")
             try:
                 out.append(_build(ServiceDefinition, item, f"services[{i}]"))
             except FieldError as exc:

@@ -6,8 +6,10 @@ and task closes in order.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -69,6 +71,12 @@ async def run_dev(*, api_bind: str = "127.0.0.1:4191", server_bind: str = "127.0
             addrs = await nursery.start(agent.run)
             api = f"{addrs.api[0]}:{addrs.api[1]}"
             agent_flag = "" if api == "127.0.0.1:4191" else f" --agent {api}"
+            # The suggested commands must work as printed, venv activated or not.
+            cli = (
+                "hostmesh"
+                if shutil.which("hostmesh")
+                else str(Path(sys.executable).with_name("hostmesh"))
+            )
             out.print(
                 f"[bold]hostmesh dev[/]: a server and an agent in one process\n"
                 f"  node        {cfg.node_name} (AZ {cfg.az}, region {cfg.region})\n"
@@ -79,8 +87,8 @@ async def run_dev(*, api_bind: str = "127.0.0.1:4191", server_bind: str = "127.0
                 "\nTry:\n"
                 f"  curl -X PUT http://{api}/v1/agent/service/register "
                 """-d '{"Name": "web", "Port": 8080, "Check": {"TTL": "30s"}}'\n"""
-                f"  hostmesh check pass service:web{agent_flag}\n"
-                f"  hostmesh services{agent_flag}\n"
+                f"  {cli} check pass service:web{agent_flag}\n"
+                f"  {cli} services{agent_flag}\n"
                 "\nCtrl-C stops.",
                 highlight=False,
                 soft_wrap=True,

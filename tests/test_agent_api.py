@@ -405,3 +405,21 @@ async def test_http_check_through_the_api_goes_passing(tmp_path: Path) -> None:
             checks = (await http.get("/v1/agent/checks")).json()
             assert "200 OK" in checks["service:app"]["Output"]
         nursery.cancel_scope.cancel()
+
+
+@trio_test()
+async def test_every_check_status_change_bumps_the_record_version(tmp_path: Path) -> None:
+    async with (
+        running_agent(agent_config(tmp_path)) as (agent, addrs),
+        client(addrs.api_url) as http,
+    ):
+        await http.put("/v1/agent/service/register", json=WEB)
+        versions = [agent.state.record.version]
+        for verb in ("pass", "warn", "fail", "pass"):
+            await http.put(f"/v1/agent/check/{verb}/service:web-1")
+            versions.append(agent.state.record.version)
+        assert versions == sorted(set(versions))  # strictly growing: one bump per change
+        # The same status and output again is not a change.
+        await http.put("/v1/agent/check/pass/service:web-1")
+        assert agent.state.record.version == versions[-1]
+        assert agent.catalog.record("node-a") is agent.state.record

@@ -207,7 +207,9 @@ def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None
         assert "AZ dev-1a" in text
         tried = lines[[line.strip() for line in lines].index("Try:") + 1 :]
         commands = [
-            line.strip() for line in tried if line.strip().startswith(("curl ", "hostmesh "))
+            line.strip()
+            for line in tried
+            if line.strip().startswith(("curl ", "hostmesh ", HOSTMESH))
         ]
         assert len(commands) == 3
         for command in commands:
