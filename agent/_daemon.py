@@ -31,6 +31,7 @@ from hostmesh._httpserver import HttpLimits, serve_http
 from hostmesh._log import get_logger
 from hostmesh._metrics import Registry
 from hostmesh.catalog import Catalog, Health, Node
+from hostmesh.dns import DnsCore, Recursor, recursor_addresses, serve_dns
 
 from ._checks import CheckRunner
 from ._state import SOURCE_API, LocalState, Registration
@@ -45,6 +46,7 @@ class AgentAddresses:
     """Where a running agent listens (what ``nursery.start(agent.run)`` returns)."""
 
     api: tuple[str, int]
+    dns: tuple[str, int]
 
     @property
     def api_url(self) -> str:
@@ -92,6 +94,7 @@ class Agent:
             config.tombstone_ttl,
             on_change=self.notify,
         )
+        self.dns = self._make_dns()
         self._m_check_changes = self.metrics.counter(
             "hostmesh_check_status_changes_total", "Check status changes by new status", ("status",)
         )
@@ -119,6 +122,48 @@ class Agent:
                 f"Local checks currently {status.value}",
                 functools.partial(self._count_checks, status),
             )
+
+    def _make_dns(self) -> tuple[DnsCore, Recursor]:
+        cfg = self.config.dns
+        bind = parse_hostport(cfg.bind)
+        resolv_text = None
+        if cfg.resolv_conf and not cfg.recursors:
+            try:
+                resolv_text = Path(cfg.resolv_conf).read_text()
+            except OSError as exc:
+                log.warning("no recursors: cannot read resolv.conf", path=cfg.resolv_conf,
+                            error=exc.strerror or str(exc))  # fmt: skip
+        servers = recursor_addresses(cfg.recursors, resolv_text, bind)
+        core = DnsCore(cfg, self.catalog, local_az=self.config.az, ns_address=bind[0],
+                       has_recursors=bool(servers))  # fmt: skip
+        latency = self.metrics.histogram(
+            "hostmesh_dns_recursor_seconds", "Recursor round trips by result", ("result",),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )  # fmt: skip
+        recursor = Recursor(
+            servers,
+            cfg.recursor_timeout,
+            cfg.max_recursions,
+            lambda seconds, result: latency.labels(result).observe(seconds),
+        )
+        stats = core.stats
+        self.metrics.counter_func(
+            "hostmesh_dns_queries_total", "DNS answers by query type and rcode",
+            ("qtype", "rcode"), lambda: stats.answers,
+        )  # fmt: skip
+        self.metrics.counter_func(
+            "hostmesh_dns_dropped_total", "DNS packets dropped or connections closed, by reason",
+            ("reason",), lambda: {(k,): v for k, v in stats.dropped.items()},
+        )  # fmt: skip
+        self.metrics.counter_func(
+            "hostmesh_dns_cache_total", "Answer cache lookups by result", ("result",),
+            lambda: {("hit",): stats.hits, ("miss",): stats.misses},
+        )  # fmt: skip
+        self.metrics.gauge_func(
+            "hostmesh_dns_cache_hit_ratio", "Answer cache hits / lookups since start",
+            lambda: stats.hits / max(1, stats.hits + stats.misses),
+        )  # fmt: skip
+        return core, recursor
 
     def _count_checks(self, status: Health) -> int:
         return sum(1 for c in self.state.record.checks if c.status is status)
@@ -297,10 +342,19 @@ class Agent:
             api_addr = await nursery.start(
                 functools.partial(serve_http, api.handle, host, port, limits=limits, name="api")
             )
+            core, recursor = self.dns
+            dns_host, dns_port = parse_hostport(self.config.dns.bind)
+            dns_addr = await nursery.start(
+                functools.partial(
+                    serve_dns, core, dns_host, dns_port, recursor=recursor,
+                    tcp_idle_timeout=self.config.dns.tcp_idle_timeout,
+                    max_tcp_connections=self.config.dns.max_tcp_connections,
+                )
+            )  # fmt: skip
             nursery.start_soon(self._reap_critical)
             if handle_signals:
                 await nursery.start(self._reload_on_sighup)
-            self.addresses = AgentAddresses(api=api_addr)
+            self.addresses = AgentAddresses(api=api_addr, dns=dns_addr)
             self.ready = True
             log.info(
                 "agent started",
@@ -308,6 +362,7 @@ class Agent:
                 az=self.config.az or "-",
                 generation=self.state.record.generation,
                 api=f"{api_addr[0]}:{api_addr[1]}",
+                dns=f"{dns_addr[0]}:{dns_addr[1]}",
                 services=len(self.state.registrations),
             )
             task_status.started(self.addresses)

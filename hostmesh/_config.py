@@ -29,6 +29,7 @@ __all__ = [
     "AgentConfig",
     "ApiConfig",
     "CheckDefinition",
+    "DnsConfig",
     "FieldError",
     "ServerConfig",
     "ServiceDefinition",
@@ -290,6 +291,57 @@ class ApiConfig:
             raise FieldError("bind", str(exc)) from None
 
 
+@dataclass(frozen=True)
+class DnsConfig:
+    """The agent's DNS resolver (Consul's DNS semantics, ``svc`` for ``service``)."""
+
+    bind: str = "127.0.0.1:8600"  # host:port for UDP and TCP; systemd-resolved routes ~mesh here
+    domain: str = "mesh"  # the zone answered locally; everything else is recursed
+    ttl: float = 0.0  # s; TTL of service answers (Consul's default 0: always fresh)
+    node_ttl: float = 0.0  # s; TTL of <node>.node answers
+    # s per service-name prefix ("web" or "web*"; "*" = all); the longest prefix wins over ttl
+    service_ttl: Mapping[str, float] = field(default_factory=dict)
+    only_passing: bool = False  # answer only passing instances (default: warning counts)
+    a_record_limit: int = 0  # most A/AAAA/SRV records per answer; 0 = no limit
+    # host or host:port recursors for names outside the domain, tried in order;
+    # empty = the nameservers in resolv_conf (minus ourselves)
+    recursors: tuple[str, ...] = ()
+    resolv_conf: str = "/etc/resolv.conf"  # where default recursors come from; "" = none (REFUSED)
+    recursor_timeout: float = 2 * SECONDS  # s per recursor before the next is tried
+    max_recursions: int = 256  # forwarded queries in flight; more get SERVFAIL
+    udp_max_payload: int = 1232  # bytes; EDNS0 cap (DNS flag day 2020: no IP fragmentation)
+    tcp_idle_timeout: float = 10 * SECONDS  # s a TCP client may stay idle (RFC 7766 suggests s)
+    max_tcp_connections: int = 256  # concurrent TCP clients; more are closed at once
+    cache_size: int = 10_000  # encoded answers kept; cleared whenever the catalog changes
+    soa_refresh: int = 3600  # s; SOA fields as in Consul
+    soa_retry: int = 600
+    soa_expire: int = 86400
+    soa_min_ttl: int = 0  # s; the negative-answer TTL (NXDOMAIN, NODATA)
+
+    def __post_init__(self) -> None:
+        try:
+            parse_hostport(self.bind)
+        except ValueError as exc:
+            raise FieldError("bind", str(exc)) from None
+        labels = self.domain.strip(".").split(".")
+        if not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", x) for x in labels):
+            raise FieldError("domain", f"invalid domain {self.domain!r}")
+        object.__setattr__(self, "domain", self.domain.strip(".").lower())
+        for server in self.recursors:
+            try:
+                parse_hostport(server if ":" in server else f"{server}:53")
+            except ValueError as exc:
+                raise FieldError("recursors", str(exc)) from None
+        if not 512 <= self.udp_max_payload <= 65535:
+            raise FieldError("udp_max_payload", "must be in 512..65535")
+        for name in ("a_record_limit", "soa_min_ttl", "soa_refresh", "soa_retry", "soa_expire"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, "must be >= 0")
+        for name in ("max_recursions", "max_tcp_connections", "cache_size"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, "must be >= 1")
+
+
 def _default_node_name() -> str:
     return socket.gethostname().split(".")[0] or "node"
 
@@ -308,6 +360,7 @@ class AgentConfig:
     services_dir: str = "/etc/hostmesh/services.d"  # *.toml service definitions
     servers: tuple[str, ...] = ()  # server addresses host:port
     api: ApiConfig = field(default_factory=ApiConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     # s a deleted instance's or left node's tombstone is kept before GC; must
     # exceed the time an update needs to reach every node (seconds at 1,000 nodes)
     tombstone_ttl: float = 24 * HOURS

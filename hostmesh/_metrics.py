@@ -21,7 +21,7 @@ import bisect
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from ._log import get_logger
@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "Counter",
     "CounterChild",
+    "CounterFunc",
     "Gauge",
     "GaugeChild",
     "GaugeFunc",
@@ -303,6 +304,47 @@ class GaugeFunc(_Family[None]):
         out.append(f"{self.name} {_format_value(value)}")
 
 
+class CounterFunc(_Family[None]):
+    """A labelled counter whose samples are ``fn()``, read at render time.
+
+    ``fn`` returns label values (in ``labelnames`` order) -> count. For hot
+    paths that keep plain integers and pay nothing per event for metrics. A
+    failing ``fn`` renders no samples and is logged.
+    """
+
+    kind = "counter"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Iterable[str],
+        fn: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        if not name.endswith("_total"):
+            raise ValueError(f"counter {name!r}: counter names must end in _total")
+        super().__init__(name, help, labelnames)
+        self._fn = fn
+
+    def _new_child(self) -> None:
+        raise ValueError(f"{self.name} is a counter function: it has no children")
+
+    def _render(self, out: list[str]) -> None:
+        out.append(f"# HELP {self.name} {_escape_help(self.help)}")
+        out.append(f"# TYPE {self.name} {self.kind}")
+        try:
+            samples = dict(self._fn())
+        except Exception as exc:
+            _log.warning("counter function failed", metric=self.name, error=exc)
+            return
+        for key in sorted(samples):
+            values = tuple(str(v) for v in key)
+            if len(values) != len(self.labelnames):
+                _log.warning("counter function returned wrong labels", metric=self.name)
+                continue
+            out.append(f"{self.name}{self._label_text(values)} {_format_value(samples[key])}")
+
+
 class HistogramChild:
     """Observations counted into buckets (one labelled series of a histogram)."""
 
@@ -416,6 +458,16 @@ class Registry:
     def gauge_func(self, name: str, help: str, fn: Callable[[], float]) -> GaugeFunc:
         """Register a gauge whose value is ``fn()`` at render time."""
         return self._add(GaugeFunc(name, help, fn))
+
+    def counter_func(
+        self,
+        name: str,
+        help: str,
+        labelnames: Iterable[str],
+        fn: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> CounterFunc:
+        """Register a labelled counter whose samples are ``fn()`` at render time."""
+        return self._add(CounterFunc(name, help, labelnames, fn))
 
     def render(self) -> str:
         """Every metric in registration order, in text format 0.0.4 (ends with a newline)."""

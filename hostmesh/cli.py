@@ -161,12 +161,15 @@ def dev(
     server_api: Annotated[
         str, typer.Option(help="Server API address (port 0: any).")
     ] = "127.0.0.1:4150",
+    dns: Annotated[str, typer.Option(help="DNS address, UDP and TCP (port 0: any).")] = (
+        "127.0.0.1:8600"
+    ),
 ) -> None:
     """Run a server and an agent in one process on built-in defaults: try hostmesh."""
     from ._daemons import run_dev
 
     _setup_logs(log_level, log_format)
-    _run_daemon(lambda: run_dev(api_bind=api, server_bind=server_api, out=console))
+    _run_daemon(lambda: run_dev(api_bind=api, server_bind=server_api, dns_bind=dns, out=console))
 
 
 # --- queries -----------------------------------------------------------------------

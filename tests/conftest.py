@@ -12,7 +12,7 @@ from typing import Any, ParamSpec
 import trio
 import trio.testing
 
-from hostmesh import AgentConfig, ApiConfig
+from hostmesh import AgentConfig, ApiConfig, DnsConfig
 from hostmesh.agent import Agent, AgentAddresses
 
 P = ParamSpec("P")
@@ -43,10 +43,15 @@ def trio_test(
 
 
 def agent_config(tmp_path: Path, **overrides: Any) -> AgentConfig:
-    """A dev config on loopback with the API on a free port, data under tmp_path."""
+    """A dev config on loopback with the API and DNS on free ports, data under tmp_path.
+
+    DNS recursion is off unless a test configures loopback recursors: tests
+    never send queries to the machine's own resolver.
+    """
     cfg = AgentConfig.dev(
         data_dir=str(tmp_path / "data"), services_dir=str(tmp_path / "services.d")
     )
+    overrides.setdefault("dns", DnsConfig(bind="127.0.0.1:0", resolv_conf=""))
     return replace(cfg, node_name="node-a", api=ApiConfig(bind="127.0.0.1:0"), **overrides)
 
 

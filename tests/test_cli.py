@@ -194,7 +194,8 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [HOSTMESH, "dev", "--api", "127.0.0.1:0", "--server-api", "127.0.0.1:0"],
+        [HOSTMESH, "dev", "--api", "127.0.0.1:0", "--server-api", "127.0.0.1:0",
+         "--dns", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, cwd=tmp_path,
     )  # fmt: skip
     try:
@@ -209,15 +210,17 @@ def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None
         commands = [
             line.strip()
             for line in tried
-            if line.strip().startswith(("curl ", "hostmesh ", HOSTMESH))
+            if line.strip().startswith(("curl ", "hostmesh ", HOSTMESH, "dig "))
         ]
-        assert len(commands) == 3
+        assert len(commands) == 4
         for command in commands:
             done = subprocess.run(
                 command, shell=True, capture_output=True, text=True, timeout=60, cwd=tmp_path,
                 env={**os.environ, "PATH": f"{Path(HOSTMESH).parent}:{os.environ['PATH']}"},
             )  # fmt: skip
             assert done.returncode == 0, (command, done.stderr)
+            if command.startswith("dig "):
+                assert done.stdout.split() == ["127.0.0.1"]  # the registered web instance
         rows = json.loads(run("services", "--json", "--agent", api.group(1)).stdout)
         assert [(r["service"], r["health"], r["az"]) for r in rows] == [
             ("web", "passing", "dev-1a")

@@ -514,3 +514,27 @@ def test_the_parser_rejects_broken_text() -> None:
     ]:
         with pytest.raises(AssertionError):
             parse(bad)
+
+
+def test_counter_func_renders_labelled_samples_at_render_time() -> None:
+    counts: dict[tuple[str, ...], float] = {("A", "NOERROR"): 3}
+    reg = Registry()
+    reg.counter_func("dns_queries_total", "Queries.", ("qtype", "rcode"), lambda: counts)
+    counts[("SRV", "NXDOMAIN")] = 1
+    assert reg.render() == (
+        "# HELP dns_queries_total Queries.\n"
+        "# TYPE dns_queries_total counter\n"
+        'dns_queries_total{qtype="A",rcode="NOERROR"} 3\n'
+        'dns_queries_total{qtype="SRV",rcode="NXDOMAIN"} 1\n'
+    )
+    with pytest.raises(ValueError, match="_total"):
+        reg.counter_func("dns_queries", "x", (), dict)
+
+
+def test_counter_func_that_fails_renders_no_samples() -> None:
+    def broken() -> dict[tuple[str, ...], float]:
+        raise RuntimeError("boom")
+
+    reg = Registry()
+    reg.counter_func("broken_total", "Broken.", ("a",), broken)
+    assert reg.render() == "# HELP broken_total Broken.\n# TYPE broken_total counter\n"

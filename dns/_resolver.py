@@ -1,0 +1,479 @@
+"""The sans-IO DNS resolver: query bytes + catalog -> reply bytes.
+
+Names (domain ``mesh`` by default, case-insensitive), after Consul's DNS
+interface with ``svc`` for ``service``:
+
+- ``[filter.]...<service>.svc.mesh`` A/AAAA/SRV: healthy instances; each
+  filter label is an AZ or a tag and all must match; without an AZ filter the
+  instances in this agent's AZ are preferred when any is healthy.
+- ``_<service>._tcp.svc.mesh`` / ``_<service>._<tag>.svc.mesh`` SRV (RFC 2782).
+- ``<node>.node.mesh`` A/AAAA and TXT (node meta); ``<hex>.addr.mesh`` for SRV
+  targets of instances with their own address; ``ns.mesh`` for the NS record.
+- SOA and NS at the apex; NXDOMAIN (SOA in authority) for unknown names and for
+  services without a healthy instance; NOERROR + SOA (NODATA) for a known name
+  without records of the asked type; the negative TTL is the SOA minimum.
+
+Answers are encoded once and cached, keyed by the query bytes after the ID
+(so case, flags and EDNS size are part of the key); a hit patches in the ID.
+The cache is dropped whenever the catalog's index moves, so a change is seen
+by the very next query. Several shuffled encodings of each answer are kept and
+served in turn, so answers are shuffled per response at the cost of a hit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from dnslib import (
+    AAAA,
+    EDNS0,
+    NS,
+    QTYPE,
+    RR,
+    SOA,
+    SRV,
+    TXT,
+    DNSHeader,
+    DNSLabel,
+    DNSQuestion,
+    DNSRecord,
+)
+from dnslib import A as ARecord
+
+from hostmesh._config import DnsConfig
+from hostmesh.catalog import Catalog, Health, InstanceView, service_instances
+
+from ._wire import Drop, FormatError, QType, Query, Rcode, error_reply, parse_query
+
+__all__ = ["TCP_MAX_SIZE", "DnsCore", "DnsStats", "Forward"]
+
+#: Largest DNS message over TCP (a two-byte length prefix).
+TCP_MAX_SIZE = 65535
+#: Shuffled encodings kept per cached answer; served in turn.
+SHUFFLE_VARIANTS = 8
+#: The SOA serial wraps at 2**32 (RFC 1982).
+_SERIAL_MOD = 2**32
+
+_QTYPE_NAMES = {int(t): t.name for t in QType}
+
+
+def qtype_name(qtype: int) -> str:
+    """A bounded label for metrics: the known names, else "other"."""
+    return _QTYPE_NAMES.get(qtype, "other")
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """The name is outside our domain: the adapter asks the recursors."""
+
+    query: Query
+    data: bytes
+
+
+class DnsStats:
+    """Counters the adapter exports as metrics; plain ints on the hot path."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.dropped: dict[str, int] = {}
+        self.answers: dict[tuple[str, ...], int] = {}
+
+    def count(self, qtype: int, rcode: int) -> None:
+        key = (
+            qtype_name(qtype),
+            Rcode(rcode).name if rcode in Rcode._value2member_map_ else "other",
+        )
+        self.answers[key] = self.answers.get(key, 0) + 1
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+class _Entry:
+    __slots__ = ("key", "n", "variants")
+
+    def __init__(self, variants: list[bytes], key: tuple[str, ...]) -> None:
+        self.variants = variants
+        self.n = len(variants)
+        self.key = key
+
+
+@dataclass(slots=True)
+class _Answer:
+    rcode: Rcode = Rcode.NOERROR
+    answers: list[Any] | None = None
+    authority: list[Any] | None = None
+    additional: list[Any] | None = None
+    shuffle: bool = False
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+class DnsCore:
+    """Answers queries for the mesh domain from a catalog.
+
+    Args:
+        config: the DNS settings.
+        catalog: the agent's catalog (read on every cache miss).
+        local_az: this agent's AZ; its instances are preferred.
+        ns_address: the address reported for ``ns.<domain>`` (our listener).
+        has_recursors: whether names outside the domain can be recursed
+            (sets RA; without recursors they are REFUSED).
+        rng: randomness for shuffling (seeded in tests).
+    """
+
+    def __init__(
+        self,
+        config: DnsConfig,
+        catalog: Catalog,
+        *,
+        local_az: str = "",
+        ns_address: str = "127.0.0.1",
+        has_recursors: bool = False,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.local_az = local_az.lower()
+        self.ns_address = ns_address
+        self.has_recursors = has_recursors
+        self.stats = DnsStats()
+        self._rng = rng or random.Random()
+        self._domain = tuple(config.domain.split("."))
+        self._origin = DNSLabel(config.domain + ".")
+        self._cache: dict[bytes, _Entry] = {}
+        self._tcp_cache: dict[bytes, _Entry] = {}
+        self._index = -1
+        self._turn = 0
+        self._ttl_prefixes = sorted(
+            ((k.rstrip("*").lower(), v) for k, v in config.service_ttl.items()),
+            key=lambda kv: len(kv[0]),
+            reverse=True,
+        )
+
+    # --- the hot path -----------------------------------------------------------
+
+    def handle(self, data: bytes, *, tcp: bool = False) -> bytes | Forward | None:
+        """Answer one query: reply bytes, a :class:`Forward`, or None (drop)."""
+        if self._index != self.catalog.index:
+            self._cache.clear()
+            self._tcp_cache.clear()
+            self._index = self.catalog.index
+        cache = self._tcp_cache if tcp else self._cache
+        key = data[2:]
+        entry = cache.get(key)
+        if entry is not None:
+            self.stats.hits += 1
+            answers = self.stats.answers
+            answers[entry.key] = answers.get(entry.key, 0) + 1
+            if entry.n == 1:
+                return data[:2] + entry.variants[0]
+            self._turn += 1
+            return data[:2] + entry.variants[self._turn % entry.n]
+        return self._miss(data, key, cache, tcp)
+
+    def _miss(
+        self, data: bytes, key: bytes, cache: dict[bytes, _Entry], tcp: bool
+    ) -> bytes | Forward | None:
+        try:
+            query = parse_query(data)
+        except Drop as exc:
+            self.stats.drop(exc.reason)
+            return None
+        except FormatError as exc:
+            self.stats.count(0, exc.rcode)
+            return error_reply(exc.query_id, exc.flags, exc.rcode)
+        labels = tuple(label.decode("latin-1").lower() for label in query.labels)
+        n = len(self._domain)
+        if labels[-n:] != self._domain:
+            if not self.has_recursors:
+                self.stats.count(query.qtype, Rcode.REFUSED)
+                return error_reply(query.id, query.flags, Rcode.REFUSED, query.question)
+            return Forward(query, data)
+        self.stats.misses += 1
+        answer = self._resolve(query, labels[:-n])
+        limit = TCP_MAX_SIZE if tcp else min(query.edns_size or 512, self.config.udp_max_payload)
+        variants = self._encode(query, answer, limit)
+        entry = _Entry(variants, (qtype_name(query.qtype), answer.rcode.name))
+        if len(cache) >= self.config.cache_size:
+            cache.clear()
+        cache[key] = entry
+        self.stats.answers[entry.key] = self.stats.answers.get(entry.key, 0) + 1
+        return data[:2] + variants[0]
+
+    def reply(self, query: Query, rcode: Rcode) -> bytes:
+        """An empty reply with ``rcode`` (the adapter's SERVFAIL for recursion)."""
+        self.stats.count(query.qtype, rcode)
+        return error_reply(query.id, query.flags, rcode, query.question, query.edns_size)
+
+    # --- names ------------------------------------------------------------------
+
+    def _resolve(self, query: Query, rel: tuple[str, ...]) -> _Answer:
+        if query.qclass not in (1, 255):  # IN or ANY
+            return _Answer(Rcode.REFUSED)
+        if not rel:
+            return self._apex(query)
+        if rel == ("ns",):
+            return self._address_answer(query, [self.ns_address], self._soa_ttl())
+        kind = rel[-1]
+        if kind == "svc":
+            if len(rel) == 1:
+                return self._nodata()
+            if len(rel) == 3 and rel[0].startswith("_") and rel[1].startswith("_"):
+                service, proto = rel[0][1:], rel[1][1:]
+                tags = () if proto == "tcp" else (proto,)
+                return self._service(query, service, tags, srv_only=True)
+            return self._service(query, rel[-2], rel[:-2], srv_only=False)
+        if kind == "node" and len(rel) == 2:
+            return self._node(query, rel[0])
+        if kind == "addr" and len(rel) == 2:
+            addr = _decode_addr(rel[0])
+            if addr is None:
+                return self._nxdomain()
+            return self._address_answer(query, [addr], self._service_ttl(""))
+        return self._nxdomain()
+
+    def _apex(self, query: Query) -> _Answer:
+        soa = self._soa_rr()
+        ns = RR(self._origin, QTYPE.NS, rdata=NS(self._ns_name()), ttl=self._soa_ttl())
+        glue = RR(self._ns_name(), QTYPE.A, rdata=ARecord(self.ns_address), ttl=self._soa_ttl())
+        if query.qtype == QType.SOA:
+            return _Answer(answers=[soa], authority=[ns], additional=[glue])
+        if query.qtype == QType.NS:
+            return _Answer(answers=[ns], additional=[glue])
+        if query.qtype == QType.ANY:
+            return _Answer(answers=[soa, ns], additional=[glue])
+        return self._nodata()
+
+    def _node(self, query: Query, name: str) -> _Answer:
+        rec = next((r for r in self.catalog if r.node.name.lower() == name and not r.left), None)
+        if rec is None:
+            return self._nxdomain()
+        ttl = int(self.config.node_ttl)
+        answer = self._address_answer(query, [rec.node.address], ttl)
+        if query.qtype in (QType.TXT, QType.ANY) and rec.node.meta:
+            txt = [
+                RR(
+                    _qname(query),
+                    QTYPE.TXT,
+                    rdata=TXT(f"{k}={v}".encode()[:255]),
+                    ttl=ttl,
+                )
+                for k, v in sorted(rec.node.meta.items())
+            ]
+            if answer.rcode is Rcode.NOERROR and answer.answers:
+                answer.answers.extend(txt)
+            else:
+                answer = _Answer(answers=txt)
+        return answer
+
+    def _address_answer(self, query: Query, addresses: list[str], ttl: int) -> _Answer:
+        """A/AAAA records for ``addresses`` as the qtype asks; NODATA if none fit."""
+        records = []
+        seen = set()
+        for text in addresses:
+            ip = _ip(text)
+            if ip is None or ip in seen:
+                continue
+            seen.add(ip)
+            if ip.version == 4 and query.qtype in (QType.A, QType.ANY):
+                records.append(RR(_qname(query), QTYPE.A, rdata=ARecord(str(ip)), ttl=ttl))
+            elif ip.version == 6 and query.qtype in (QType.AAAA, QType.ANY):
+                records.append(RR(_qname(query), QTYPE.AAAA, rdata=AAAA(str(ip)), ttl=ttl))
+        if not records:
+            return self._nodata()
+        limit = self.config.a_record_limit
+        return _Answer(answers=records[:limit] if limit else records, shuffle=True)
+
+    def _service(
+        self, query: Query, name: str, filters: tuple[str, ...], *, srv_only: bool
+    ) -> _Answer:
+        views = self._healthy(name, filters)
+        if not views:
+            return self._nxdomain()
+        ttl = self._service_ttl(name)
+        if query.qtype == QType.SRV:
+            return self._srv(query, views, ttl)
+        if srv_only:
+            return self._nodata()
+        return self._address_answer(query, [v.address for v in views], ttl)
+
+    def _srv(self, query: Query, views: list[InstanceView], ttl: int) -> _Answer:
+        answers = []
+        additional = []
+        targets: dict[str, Any] = {}
+        for view in views:
+            address = view.address
+            if view.instance.address and view.instance.address != view.node.address:
+                ip = _ip(address)
+                target = (
+                    DNSLabel(f"{_encode_addr(ip)}.addr.{self.config.domain}.")
+                    if ip
+                    else DNSLabel(address.rstrip(".") + ".")
+                )
+            else:
+                target = DNSLabel(f"{view.node.name}.node.{self.config.domain}.")
+            weight = max(0, min(view.weight, 65535))
+            answers.append(
+                RR(
+                    _qname(query),
+                    QTYPE.SRV,
+                    rdata=SRV(priority=1, weight=weight, port=view.instance.port, target=target),
+                    ttl=ttl,
+                )
+            )
+            ip = _ip(address)
+            if ip is not None and str(target) not in targets:
+                rtype, rdata = (QTYPE.A, ARecord(str(ip))) if ip.version == 4 else (
+                    QTYPE.AAAA, AAAA(str(ip)))  # fmt: skip
+                targets[str(target)] = RR(target, rtype, rdata=rdata, ttl=ttl)
+        additional = list(targets.values())
+        limit = self.config.a_record_limit
+        if limit:
+            answers = answers[:limit]
+        return _Answer(answers=answers, additional=additional, shuffle=True)
+
+    def _healthy(self, name: str, filters: tuple[str, ...]) -> list[InstanceView]:
+        """Healthy instances of ``name`` matching every filter label, same-AZ first."""
+        allowed = (Health.PASSING,) if self.config.only_passing else (
+            Health.PASSING, Health.WARNING)  # fmt: skip
+        actual = self._service_name(name)
+        if actual is None:
+            return []
+        views = []
+        for view in service_instances(self.catalog, actual):
+            if not view.node_live or view.health not in allowed:
+                continue
+            az = view.node.az.lower()
+            tags = {t.lower() for t in view.instance.tags}
+            if all(f == az or f in tags for f in filters):
+                views.append(view)
+        if self.local_az and not any(f == v.node.az.lower() for f in filters for v in views):
+            local = [v for v in views if v.node.az.lower() == self.local_az]
+            if local:
+                return local
+        return views
+
+    def _service_name(self, lowered: str) -> str | None:
+        for rec in self.catalog:
+            if rec.left:
+                continue
+            for svc in rec.services:
+                if svc.name.lower() == lowered:
+                    return svc.name
+        return None
+
+    # --- TTLs and negative answers ------------------------------------------------
+
+    def _service_ttl(self, name: str) -> int:
+        for prefix, ttl in self._ttl_prefixes:
+            if name.startswith(prefix):
+                return int(ttl)
+        return int(self.config.ttl)
+
+    def _soa_ttl(self) -> int:
+        return self.config.soa_min_ttl
+
+    def _ns_name(self) -> DNSLabel:
+        return DNSLabel(f"ns.{self.config.domain}.")
+
+    def _soa_rr(self) -> Any:
+        cfg = self.config
+        serial = self.catalog.index % _SERIAL_MOD
+        return RR(
+            self._origin,
+            QTYPE.SOA,
+            rdata=SOA(
+                self._ns_name(),
+                DNSLabel(f"hostmaster.{cfg.domain}."),
+                (serial, cfg.soa_refresh, cfg.soa_retry, cfg.soa_expire, cfg.soa_min_ttl),
+            ),
+            ttl=cfg.soa_min_ttl,
+        )
+
+    def _nxdomain(self) -> _Answer:
+        return _Answer(Rcode.NXDOMAIN, authority=[self._soa_rr()])
+
+    def _nodata(self) -> _Answer:
+        return _Answer(Rcode.NOERROR, authority=[self._soa_rr()])
+
+    # --- encoding -------------------------------------------------------------------
+
+    def _encode(self, query: Query, answer: _Answer, limit: int) -> list[bytes]:
+        """Encoded replies without the 2-byte ID: several shuffles when it has many records."""
+        answers = answer.answers or []
+        orders: list[list[Any]] = [answers]
+        if answer.shuffle and len(answers) > 1:
+            if math.factorial(len(answers)) <= SHUFFLE_VARIANTS:
+                orders = [list(p) for p in itertools.permutations(answers)]
+            else:
+                orders = [self._rng.sample(answers, len(answers)) for _ in range(SHUFFLE_VARIANTS)]
+        return [self._pack(query, answer, order, limit)[2:] for order in orders]
+
+    def _pack(self, query: Query, answer: _Answer, order: list[Any], limit: int) -> bytes:
+        def build(answers: list[Any], additional: list[Any], truncated: bool) -> bytes:
+            record = DNSRecord(
+                DNSHeader(
+                    id=0,
+                    qr=1,
+                    aa=1,
+                    rd=int(query.rd),
+                    ra=int(self.has_recursors),
+                    tc=int(truncated),
+                    rcode=int(answer.rcode),
+                ),
+                q=DNSQuestion(DNSLabel(query.labels), query.qtype, query.qclass),
+            )
+            for rr in answers:
+                record.add_answer(rr)
+            for rr in answer.authority or []:
+                record.add_auth(rr)
+            for rr in additional:
+                record.add_ar(rr)
+            if query.edns_size is not None:
+                record.add_ar(EDNS0(udp_len=self.config.udp_max_payload))
+            packed: bytes = record.pack()
+            return packed
+
+        answers = list(order)
+        additional = list(answer.additional or [])
+        packed = build(answers, additional, False)
+        if len(packed) <= limit:
+            return packed
+        # Too big: drop the additional section, then answers from the end, and set TC.
+        additional = []
+        packed = build(answers, additional, True)
+        while len(packed) > limit and answers:
+            answers.pop()
+            packed = build(answers, additional, True)
+        return packed
+
+
+def _qname(query: Query) -> DNSLabel:
+    return DNSLabel(query.labels)
+
+
+def _encode_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Consul's ``<hex>.addr`` form: the address bytes in hex."""
+    return ip.packed.hex()
+
+
+def _decode_addr(label: str) -> str | None:
+    if len(label) not in (8, 32):
+        return None
+    try:
+        raw = bytes.fromhex(label)
+    except ValueError:
+        return None
+    return str(ipaddress.ip_address(raw))
