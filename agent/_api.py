@@ -39,6 +39,9 @@ SERF_CHECK_ID = "serfHealth"
 
 Route = Callable[[Request, str], Awaitable[Response]]
 
+#: Serf's member status numbers, as Consul reports them (suspect shows as alive).
+_SERF_STATUS = {"ALIVE": 1, "SUSPECT": 1, "LEFT": 3, "DEAD": 4}
+
 
 class AgentApi:
     """Request handlers over an :class:`Agent`."""
@@ -61,6 +64,7 @@ class AgentApi:
         add("PUT", r"/v1/agent/check/(?P<a>pass|warn|fail)/(?P<b>[^/]+)", self.check_ttl)
         add("PUT", r"/v1/agent/check/update/(?P<b>[^/]+)", self.check_update)
         add("GET", r"/v1/agent/self", self.agent_self)
+        add("GET", r"/v1/agent/members", self.agent_members)
         add("GET", r"/v1/health/service/(?P<a>[^/]+)", self.health_service)
         add("GET", r"/v1/catalog/services", self.catalog_services)
         add("GET", r"/v1/catalog/service/(?P<a>[^/]+)", self.catalog_service)
@@ -219,6 +223,27 @@ class AgentApi:
                 },
             }
         )
+
+    async def agent_members(self, req: Request) -> Response:
+        """Consul's member list (Serf status numbers) plus hostmesh's State and Incarnation."""
+        gossip = self.agent.gossip
+        members = gossip.swim.members.values() if gossip else []
+        out = []
+        for m in sorted(members, key=lambda m: m.name):
+            host, _, port = m.addr.rpartition(":")
+            out.append(
+                {
+                    "Name": m.name,
+                    "Addr": host.strip("[]"),
+                    "Port": int(port),
+                    "Tags": {"role": "node", "az": m.meta.get("az", ""),
+                             "region": m.meta.get("region", "")},
+                    "Status": _SERF_STATUS[m.status.name],
+                    "State": m.status.name.lower(),
+                    "Incarnation": m.incarnation,
+                }
+            )  # fmt: skip
+        return Response.json(out)
 
     # --- health and catalog -----------------------------------------------------
 

@@ -9,6 +9,7 @@ and runs until cancelled.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import signal
 import time
@@ -26,11 +27,14 @@ from hostmesh._config import (
     load_service_file,
     parse_hostport,
 )
-from hostmesh._errors import ConfigError, NotFoundError
+from hostmesh._errors import ConfigError, HostmeshError, NotFoundError
 from hostmesh._httpserver import HttpLimits, serve_http
 from hostmesh._log import get_logger
 from hostmesh._metrics import Registry
 from hostmesh.catalog import Catalog, Health, Node
+from hostmesh.catalog._gossip import DEFAULT_PORT, GossipNode, UdpTcpTransport
+from hostmesh.catalog._keyring import Keyring
+from hostmesh.catalog._swim import Swim
 from hostmesh.dns import DnsCore, Recursor, recursor_addresses, serve_dns
 
 from ._checks import CheckRunner
@@ -47,6 +51,7 @@ class AgentAddresses:
 
     api: tuple[str, int]
     dns: tuple[str, int]
+    gossip: str  # host:port, UDP and TCP
 
     @property
     def api_url(self) -> str:
@@ -71,6 +76,7 @@ class Agent:
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
+        self._wall_clock = wall_clock
         self.catalog = Catalog()
         self.metrics = Registry()
         self._changed = trio.Event()
@@ -92,9 +98,11 @@ class Agent:
             self.catalog,
             wall_clock,
             config.tombstone_ttl,
-            on_change=self.notify,
+            on_change=self._local_change,
         )
+        self.gossip: GossipNode | None = None
         self.dns = self._make_dns()
+        self.keyring = self._load_keyring()
         self._m_check_changes = self.metrics.counter(
             "hostmesh_check_status_changes_total", "Check status changes by new status", ("status",)
         )
@@ -122,6 +130,25 @@ class Agent:
                 f"Local checks currently {status.value}",
                 functools.partial(self._count_checks, status),
             )
+
+    @property
+    def keyring_path(self) -> Path:
+        return Path(self.config.gossip.keyring_file or Path(self.config.data_dir) / "keyring.json")
+
+    def _load_keyring(self) -> Keyring:
+        """The keyring file (written by keyring changes) wins over the config's keys."""
+        cfg = self.config.gossip
+        path = self.keyring_path
+        try:
+            keys = json.loads(path.read_text())
+        except FileNotFoundError:
+            keys = list(cfg.keyring)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(str(path), "", f"unreadable keyring: {exc}") from None
+        try:
+            return Keyring.from_base64(keys, label=cfg.label)
+        except (HostmeshError, TypeError, ValueError) as exc:
+            raise ConfigError(str(path), "keyring", str(exc)) from None
 
     def _make_dns(self) -> tuple[DnsCore, Recursor]:
         cfg = self.config.dns
@@ -169,6 +196,12 @@ class Agent:
         return sum(1 for c in self.state.record.checks if c.status is status)
 
     # --- change notification (blocking queries) ---------------------------------
+
+    def _local_change(self) -> None:
+        """Our record has a new version: gossip it and wake blocking queries."""
+        if self.gossip is not None:
+            self.gossip.swim.record_changed(self.state.record)
+        self.notify()
 
     def notify(self) -> None:
         """Wake everything waiting for the catalog to change."""
@@ -285,9 +318,11 @@ class Agent:
 
     async def _reap_critical(self) -> None:
         """Deregister services whose check stayed critical past its
-        DeregisterCriticalServiceAfter (Consul checks every 30 s)."""
+        DeregisterCriticalServiceAfter (Consul checks every 30 s); GC tombstones."""
         while True:
             await trio.sleep(self.config.check_reap_interval)
+            if self.catalog.gc(self._wall_clock(), self.config.tombstone_ttl):
+                self.notify()
             now = trio.current_time()
             doomed = set()
             for runner, _scope, owner in self._runners.values():
@@ -300,6 +335,38 @@ class Agent:
                     self.deregister(instance_id)
                     self._m_reaped.inc()
                     log.warning("deregistered critical service", id=instance_id)
+
+    async def _start_gossip(self, nursery: trio.Nursery) -> str:
+        """Bind the gossip sockets, start SWIM and join the seeds in the background."""
+        cfg = self.config.gossip
+        host, port = parse_hostport(cfg.bind or f"{self.config.address}:{DEFAULT_PORT}")
+        transport = UdpTcpTransport(host, port)
+        nursery.start_soon(_close_on_cancel, transport)
+        addr = await transport.bind()
+        swim = Swim(
+            cfg, self.config.node_name, addr, self.catalog, now=trio.current_time(),
+            meta={"az": self.config.az, "region": self.config.region},
+        )  # fmt: skip
+        swim.record_changed(self.state.record)
+        self.gossip = GossipNode(swim, transport, self.keyring, on_change=self.notify)
+        await nursery.start(self.gossip.run)
+        if cfg.seeds:
+            nursery.start_soon(self._join, cfg.seeds)
+        return addr
+
+    async def _join(self, seeds: tuple[str, ...]) -> None:
+        assert self.gossip is not None
+        cfg = self.config.gossip
+        reached = await self.gossip.join(seeds, retries=cfg.join_retries, backoff=cfg.join_backoff)
+        log.info("joined", seeds_reached=reached, members=self.gossip.swim.num_live)
+
+    async def leave(self) -> None:
+        """Graceful leave: tombstone our record and tell the cluster (best effort)."""
+        record = self.state.leave()
+        if self.gossip is not None:
+            self.gossip.swim.record_changed(record)
+            await self.gossip.leave()
+        log.info("left the cluster", node=self.config.node_name)
 
     async def _reload_on_sighup(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -354,7 +421,8 @@ class Agent:
             nursery.start_soon(self._reap_critical)
             if handle_signals:
                 await nursery.start(self._reload_on_sighup)
-            self.addresses = AgentAddresses(api=api_addr, dns=dns_addr)
+            gossip_addr = await self._start_gossip(nursery)
+            self.addresses = AgentAddresses(api=api_addr, dns=dns_addr, gossip=gossip_addr)
             self.ready = True
             log.info(
                 "agent started",
@@ -363,6 +431,7 @@ class Agent:
                 generation=self.state.record.generation,
                 api=f"{api_addr[0]}:{api_addr[1]}",
                 dns=f"{dns_addr[0]}:{dns_addr[1]}",
+                gossip=gossip_addr,
                 services=len(self.state.registrations),
             )
             task_status.started(self.addresses)
@@ -371,3 +440,11 @@ class Agent:
 def jittered_wait(wait: float, rand: float) -> float:
     """Consul adds up to wait/16 of random jitter to a blocking query's wait."""
     return wait + math.floor(wait / 16 * rand * 1000) / 1000
+
+
+async def _close_on_cancel(transport: UdpTcpTransport) -> None:
+    """Close the gossip sockets when the agent's nursery is cancelled."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        transport.close()

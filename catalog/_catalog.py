@@ -24,8 +24,8 @@ def newer(incoming: NodeRecord, current: NodeRecord | None) -> bool:
         return True
     if incoming.key != current.key:
         return incoming.key > current.key
-    if incoming is current:
-        return False
+    if incoming is current or incoming == current:
+        return False  # the common case: a duplicate delivery
     return incoming.digest() > current.digest()
 
 

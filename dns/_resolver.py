@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +47,18 @@ from dnslib import A as ARecord
 from hostmesh._config import DnsConfig
 from hostmesh.catalog import Catalog, Health, InstanceView, service_instances
 
-from ._wire import Drop, FormatError, QType, Query, Rcode, error_reply, parse_query
+from ._wire import (
+    HEADER_SIZE,
+    MAX_LABEL,
+    MAX_NAME,
+    Drop,
+    FormatError,
+    QType,
+    Query,
+    Rcode,
+    error_reply,
+    parse_query,
+)
 
 __all__ = ["TCP_MAX_SIZE", "DnsCore", "DnsStats", "Forward"]
 
@@ -56,8 +66,14 @@ __all__ = ["TCP_MAX_SIZE", "DnsCore", "DnsStats", "Forward"]
 TCP_MAX_SIZE = 65535
 #: Shuffled encodings kept per cached answer; served in turn.
 SHUFFLE_VARIANTS = 8
+#: Answers with at most this many records get every order as a variant (3! <= 8).
+PERMUTE_MAX = 3
 #: The SOA serial wraps at 2**32 (RFC 1982).
 _SERIAL_MOD = 2**32
+#: The smallest resource record on the wire: a one-byte root name plus type,
+#: class, TTL and rdlength (RFC 1035 4.1.3). Bounds how many answers can fit
+#: in a size limit before anything is packed.
+_MIN_RR_SIZE = 11
 
 _QTYPE_NAMES = {int(t): t.name for t in QType}
 
@@ -110,7 +126,10 @@ class _Answer:
     answers: list[Any] | None = None
     authority: list[Any] | None = None
     additional: list[Any] | None = None
+    # The answers are an RRset to shuffle and cut to a_record_limit (A/AAAA/SRV).
     shuffle: bool = False
+    # SRV target labels -> its A/AAAA record, added for the answers kept.
+    targets: dict[tuple[bytes, ...], Any] | None = None
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -194,12 +213,12 @@ class DnsCore:
         except FormatError as exc:
             self.stats.count(0, exc.rcode)
             return error_reply(exc.query_id, exc.flags, exc.rcode)
-        labels = tuple(label.decode("latin-1").lower() for label in query.labels)
+        # RFC 4343: only ASCII letters fold.
+        labels = tuple(label.lower().decode("latin-1") for label in query.labels)
         n = len(self._domain)
         if labels[-n:] != self._domain:
             if not self.has_recursors:
-                self.stats.count(query.qtype, Rcode.REFUSED)
-                return error_reply(query.id, query.flags, Rcode.REFUSED, query.question)
+                return self.reply(query, Rcode.REFUSED)
             return Forward(query, data)
         self.stats.misses += 1
         answer = self._resolve(query, labels[:-n])
@@ -215,7 +234,9 @@ class DnsCore:
     def reply(self, query: Query, rcode: Rcode) -> bytes:
         """An empty reply with ``rcode`` (the adapter's SERVFAIL for recursion)."""
         self.stats.count(query.qtype, rcode)
-        return error_reply(query.id, query.flags, rcode, query.question, query.edns_size)
+        # RFC 6891 6.2.3: a reply's OPT carries the responder's payload size.
+        edns = None if query.edns_size is None else self.config.udp_max_payload
+        return error_reply(query.id, query.flags, rcode, query.question, edns)
 
     # --- names ------------------------------------------------------------------
 
@@ -235,8 +256,8 @@ class DnsCore:
                 tags = () if proto == "tcp" else (proto,)
                 return self._service(query, service, tags, srv_only=True)
             return self._service(query, rel[-2], rel[:-2], srv_only=False)
-        if kind == "node" and len(rel) == 2:
-            return self._node(query, rel[0])
+        if kind == "node" and len(rel) >= 2:
+            return self._node(query, ".".join(rel[:-1]))  # node names may hold dots
         if kind == "addr" and len(rel) == 2:
             addr = _decode_addr(rel[0])
             if addr is None:
@@ -247,13 +268,14 @@ class DnsCore:
     def _apex(self, query: Query) -> _Answer:
         soa = self._soa_rr()
         ns = RR(self._origin, QTYPE.NS, rdata=NS(self._ns_name()), ttl=self._soa_ttl())
-        glue = RR(self._ns_name(), QTYPE.A, rdata=ARecord(self.ns_address), ttl=self._soa_ttl())
+        glue = _address_rr(self._ns_name(), self.ns_address, self._soa_ttl())
+        additional = [glue] if glue is not None else []
         if query.qtype == QType.SOA:
-            return _Answer(answers=[soa], authority=[ns], additional=[glue])
+            return _Answer(answers=[soa], authority=[ns], additional=additional)
         if query.qtype == QType.NS:
-            return _Answer(answers=[ns], additional=[glue])
+            return _Answer(answers=[ns], additional=additional)
         if query.qtype == QType.ANY:
-            return _Answer(answers=[soa, ns], additional=[glue])
+            return _Answer(answers=[soa, ns], additional=additional)
         return self._nodata()
 
     def _node(self, query: Query, name: str) -> _Answer:
@@ -273,7 +295,7 @@ class DnsCore:
                 for k, v in sorted(rec.node.meta.items())
             ]
             if answer.rcode is Rcode.NOERROR and answer.answers:
-                answer.answers.extend(txt)
+                answer = _Answer(answers=answer.answers + txt)
             else:
                 answer = _Answer(answers=txt)
         return answer
@@ -293,8 +315,7 @@ class DnsCore:
                 records.append(RR(_qname(query), QTYPE.AAAA, rdata=AAAA(str(ip)), ttl=ttl))
         if not records:
             return self._nodata()
-        limit = self.config.a_record_limit
-        return _Answer(answers=records[:limit] if limit else records, shuffle=True)
+        return _Answer(answers=records, shuffle=True)
 
     def _service(
         self, query: Query, name: str, filters: tuple[str, ...], *, srv_only: bool
@@ -310,39 +331,45 @@ class DnsCore:
         return self._address_answer(query, [v.address for v in views], ttl)
 
     def _srv(self, query: Query, views: list[InstanceView], ttl: int) -> _Answer:
+        """One SRV per instance (RFC 2782); the targets' addresses go in additional.
+
+        Catalog data is not trusted to be a valid DNS name: a node name that
+        is not one gets the ``<hex>.addr`` target, and an instance that cannot
+        be expressed at all (bad port, bad hostname) is left out.
+        """
         answers = []
-        additional = []
-        targets: dict[str, Any] = {}
+        targets: dict[tuple[bytes, ...], Any] = {}
         for view in views:
+            port = view.instance.port
+            if not 0 <= port <= 65535:
+                continue
             address = view.address
-            if view.instance.address and view.instance.address != view.node.address:
-                ip = _ip(address)
-                target = (
-                    DNSLabel(f"{_encode_addr(ip)}.addr.{self.config.domain}.")
-                    if ip
-                    else DNSLabel(address.rstrip(".") + ".")
-                )
-            else:
-                target = DNSLabel(f"{view.node.name}.node.{self.config.domain}.")
+            ip = _ip(address)
+            target = None
+            if not view.instance.address or view.instance.address == view.node.address:
+                target = _dns_name(f"{view.node.name}.node.{self.config.domain}")
+            if target is None:
+                if ip is not None:
+                    target = _dns_name(f"{_encode_addr(ip)}.addr.{self.config.domain}")
+                else:
+                    target = _dns_name(address)
+            if target is None:
+                continue
             weight = max(0, min(view.weight, 65535))
             answers.append(
                 RR(
                     _qname(query),
                     QTYPE.SRV,
-                    rdata=SRV(priority=1, weight=weight, port=view.instance.port, target=target),
+                    rdata=SRV(priority=1, weight=weight, port=port, target=target),
                     ttl=ttl,
                 )
             )
-            ip = _ip(address)
-            if ip is not None and str(target) not in targets:
-                rtype, rdata = (QTYPE.A, ARecord(str(ip))) if ip.version == 4 else (
-                    QTYPE.AAAA, AAAA(str(ip)))  # fmt: skip
-                targets[str(target)] = RR(target, rtype, rdata=rdata, ttl=ttl)
-        additional = list(targets.values())
-        limit = self.config.a_record_limit
-        if limit:
-            answers = answers[:limit]
-        return _Answer(answers=answers, additional=additional, shuffle=True)
+            glue = _address_rr(target, address, ttl)
+            if glue is not None and target.label not in targets:
+                targets[target.label] = glue
+        if not answers:
+            return self._nodata()
+        return _Answer(answers=answers, targets=targets, shuffle=True)
 
     def _healthy(self, name: str, filters: tuple[str, ...]) -> list[InstanceView]:
         """Healthy instances of ``name`` matching every filter label, same-AZ first."""
@@ -411,17 +438,31 @@ class DnsCore:
     # --- encoding -------------------------------------------------------------------
 
     def _encode(self, query: Query, answer: _Answer, limit: int) -> list[bytes]:
-        """Encoded replies without the 2-byte ID: several shuffles when it has many records."""
+        """Encoded replies without the 2-byte ID: several shuffles when it has many records.
+
+        a_record_limit cuts each shuffled order (Consul shuffles, then cuts), so
+        every instance gets its share of answers.
+        """
         answers = answer.answers or []
         orders: list[list[Any]] = [answers]
         if answer.shuffle and len(answers) > 1:
-            if math.factorial(len(answers)) <= SHUFFLE_VARIANTS:
+            if len(answers) <= PERMUTE_MAX:
                 orders = [list(p) for p in itertools.permutations(answers)]
             else:
                 orders = [self._rng.sample(answers, len(answers)) for _ in range(SHUFFLE_VARIANTS)]
+        cut = self.config.a_record_limit if answer.shuffle else 0
+        if cut:
+            orders = [order[:cut] for order in orders]
         return [self._pack(query, answer, order, limit)[2:] for order in orders]
 
     def _pack(self, query: Query, answer: _Answer, order: list[Any], limit: int) -> bytes:
+        """The reply with ``order`` as its answers, trimmed to ``limit`` bytes.
+
+        RFC 2181 9: dropping additional records does not set TC; dropping
+        answers does. The number of answers kept is found by bisection (each
+        try packs the whole reply), capped first by what could possibly fit.
+        """
+
         def build(answers: list[Any], additional: list[Any], truncated: bool) -> bytes:
             record = DNSRecord(
                 DNSHeader(
@@ -446,22 +487,64 @@ class DnsCore:
             packed: bytes = record.pack()
             return packed
 
-        answers = list(order)
         additional = list(answer.additional or [])
-        packed = build(answers, additional, False)
-        if len(packed) <= limit:
-            return packed
-        # Too big: drop the additional section, then answers from the end, and set TC.
-        additional = []
-        packed = build(answers, additional, True)
-        while len(packed) > limit and answers:
-            answers.pop()
-            packed = build(answers, additional, True)
-        return packed
+        if answer.targets:
+            seen = set()
+            for rr in order:
+                target = rr.rdata.target.label
+                if target in answer.targets and target not in seen:
+                    seen.add(target)
+                    additional.append(answer.targets[target])
+        most = (limit - HEADER_SIZE) // _MIN_RR_SIZE  # answers that could fit at all
+        if len(order) <= most:
+            if additional:
+                packed = build(order, additional, False)
+                if len(packed) <= limit:
+                    return packed
+            packed = build(order, [], False)
+            if len(packed) <= limit:
+                return packed
+        # The largest k with order[:k] fitting; k = 0 always fits (a question
+        # and at most an SOA stay under 512 bytes).
+        lo, hi = 0, min(len(order) - 1, most)
+        best = build([], [], True)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            packed = build(order[:mid], [], True)
+            if len(packed) <= limit:
+                lo, best = mid, packed
+            else:
+                hi = mid - 1
+        return best
 
 
 def _qname(query: Query) -> DNSLabel:
     return DNSLabel(query.labels)
+
+
+def _dns_name(text: str) -> DNSLabel | None:
+    """``text`` as a name if it is a valid one (RFC 1035 2.3.4), else None.
+
+    Built from raw labels: ``DNSLabel(str)`` runs IDNA and raises on long labels.
+    """
+    try:
+        raw = text.rstrip(".").encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    labels = tuple(raw.split(b"."))
+    if len(raw) + 2 > MAX_NAME or not all(0 < len(x) <= MAX_LABEL for x in labels):
+        return None
+    return DNSLabel(labels)
+
+
+def _address_rr(name: DNSLabel, address: str, ttl: int) -> Any:
+    """An A or AAAA record for ``address``; None when it is not an IP address."""
+    ip = _ip(address)
+    if ip is None:
+        return None
+    if ip.version == 4:
+        return RR(name, QTYPE.A, rdata=ARecord(str(ip)), ttl=ttl)
+    return RR(name, QTYPE.AAAA, rdata=AAAA(str(ip)), ttl=ttl)
 
 
 def _encode_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

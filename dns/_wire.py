@@ -108,8 +108,11 @@ class Query:
 
     @property
     def name(self) -> str:
-        """The name in lower case, dot-separated, without the trailing dot."""
-        return b".".join(self.labels).decode("latin-1").lower()
+        """The name in lower case, dot-separated, without the trailing dot.
+
+        Only ASCII letters are folded (RFC 4343); other bytes map to latin-1.
+        """
+        return b".".join(self.labels).lower().decode("latin-1")
 
 
 def _read_name(data: bytes, pos: int, query_id: int, flags: int) -> tuple[tuple[bytes, ...], int]:

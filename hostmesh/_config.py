@@ -9,10 +9,10 @@ Consul/Go style strings (``"500ms"``, ``"10s"``, ``"5m"``, ``"72h"``).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import re
-import socket
 import tomllib
 import types
 import typing
@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 from ._errors import ConfigError
 
 __all__ = [
+    "GOSSIP_PROFILES",
     "MINUTES",
     "SECONDS",
     "AgentConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "CheckDefinition",
     "DnsConfig",
     "FieldError",
+    "GossipConfig",
     "ServerConfig",
     "ServiceDefinition",
     "from_mapping",
@@ -342,7 +344,108 @@ class DnsConfig:
                 raise FieldError(name, "must be >= 1")
 
 
+#: memberlist's WAN and Local configs, as overrides of the LAN defaults below
+#: (memberlist config.go: DefaultWANConfig, DefaultLocalConfig).
+GOSSIP_PROFILES: dict[str, dict[str, Any]] = {
+    "lan": {},
+    "wan": {
+        "probe_interval": 5.0,
+        "probe_timeout": 3.0,
+        "gossip_interval": 0.5,
+        "gossip_nodes": 4,
+        "suspicion_mult": 6,
+        "push_pull_interval": 60.0,
+    },
+    "local": {
+        "probe_interval": 1.0,
+        "probe_timeout": 0.2,
+        "indirect_checks": 1,
+        "gossip_interval": 0.1,
+        "retransmit_mult": 2,
+        "suspicion_mult": 3,
+        "push_pull_interval": 15.0,
+    },
+}
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """SWIM gossip with Lifeguard; defaults are memberlist's LAN config.
+
+    ``profile = "wan"`` or ``"local"`` in TOML starts from memberlist's WAN or
+    Local values; keys given next to it override the profile.
+    """
+
+    profile: Literal["lan", "wan", "local"] = "lan"  # which memberlist config the defaults follow
+    bind: str = ""  # host:port for UDP and TCP; "" = the agent's address, port 7946
+    seeds: tuple[str, ...] = ()  # host[:port] of members to join through; tried in order
+    probe_interval: float = 1 * SECONDS  # s between failure probes (x awareness score)
+    probe_timeout: float = 0.5 * SECONDS  # s to wait for a direct ack; a LAN RTT plus slack
+    indirect_checks: int = 3  # members asked to probe for us when the direct probe fails
+    gossip_interval: float = (
+        0.2 * SECONDS
+    )  # s between gossip rounds; lower spreads faster, costs packets
+    gossip_nodes: int = 3  # members each gossip round sends to (fanout)
+    retransmit_mult: int = 4  # each broadcast is sent mult x ceil(log10(N+1)) times
+    suspicion_mult: int = 4  # suspicion min = mult x max(1, log10 N) x probe_interval
+    suspicion_max_timeout_mult: int = 6  # suspicion max = this x min (Lifeguard's upper bound)
+    push_pull_interval: float = (
+        30 * SECONDS
+    )  # s between full state syncs (TCP); scaled above 32 nodes
+    awareness_max_multiplier: int = 8  # Lifeguard: probe interval x up to this under local trouble
+    packet_budget: int = 1400  # bytes per UDP packet (below a 1500 MTU with headers)
+    dead_node_reclaim_time: float = (
+        0.0  # s after which a dead node's name may rejoin at a new address; 0 = at once
+    )
+    gossip_to_the_dead_time: float = 30 * SECONDS  # s dead members still receive gossip (to refute)
+    join_retries: int = 5  # attempts per seed before giving up on it
+    join_backoff: float = 1 * SECONDS  # s before the first retry; doubles, with jitter
+    keyring: tuple[
+        str, ...
+    ] = ()  # base64 AES-256 keys; the first is primary; empty = no encryption
+    keyring_file: str = (
+        ""  # where `hostmesh keyring` changes are kept; "" = <data_dir>/keyring.json
+    )
+    # bound into every packet as AES-GCM associated data: clusters with other labels never talk
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.bind:
+            try:
+                parse_hostport(self.bind)
+            except ValueError as exc:
+                raise FieldError("bind", str(exc)) from None
+        for name in ("probe_interval", "probe_timeout", "gossip_interval", "push_pull_interval"):
+            if getattr(self, name) <= 0:
+                raise FieldError(name, "must be > 0")
+        if self.probe_timeout >= self.probe_interval:
+            raise FieldError("probe_timeout", "must be shorter than probe_interval")
+        at_least_one = (
+            "indirect_checks", "gossip_nodes", "retransmit_mult", "suspicion_mult",
+            "suspicion_max_timeout_mult", "awareness_max_multiplier", "join_retries",
+        )  # fmt: skip
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise FieldError(name, "must be >= 1")
+        if not 512 <= self.packet_budget <= 65000:
+            raise FieldError("packet_budget", "must be in 512..65000")
+        for i, key in enumerate(self.keyring):
+            try:
+                raw = base64.b64decode(key, validate=True)
+            except ValueError:
+                raise FieldError(f"keyring[{i}]", "not valid base64") from None
+            if len(raw) != 32:
+                raise FieldError(f"keyring[{i}]", f"an AES-256 key is 32 bytes, got {len(raw)}")
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides: Any) -> GossipConfig:
+        """The ``lan``, ``wan`` or ``local`` defaults with ``overrides``."""
+        return cls(profile=profile, **{**GOSSIP_PROFILES[profile], **overrides})  # type: ignore[arg-type]
+
+
 def _default_node_name() -> str:
+    import socket  # here, so that sans-IO modules may import this one
+
     return socket.gethostname().split(".")[0] or "node"
 
 
@@ -361,6 +464,7 @@ class AgentConfig:
     servers: tuple[str, ...] = ()  # server addresses host:port
     api: ApiConfig = field(default_factory=ApiConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
     # s a deleted instance's or left node's tombstone is kept before GC; must
     # exceed the time an update needs to reach every node (seconds at 1,000 nodes)
     tombstone_ttl: float = 24 * HOURS
@@ -541,7 +645,16 @@ def load_agent_config(path: str | Path | None) -> AgentConfig:
     """Load ``agent.toml``; ``None`` gives the defaults."""
     if path is None:
         return AgentConfig()
-    return from_mapping(AgentConfig, _read_toml(Path(path)), source=str(path))
+    data = _read_toml(Path(path))
+    gossip = data.get("gossip")
+    if isinstance(gossip, dict):
+        profile = gossip.get("profile", "lan")
+        if profile not in GOSSIP_PROFILES:
+            raise ConfigError(
+                str(path), "gossip.profile", f"expected one of {', '.join(GOSSIP_PROFILES)}"
+            )
+        data = {**data, "gossip": {**GOSSIP_PROFILES[profile], **gossip}}
+    return from_mapping(AgentConfig, data, source=str(path))
 
 
 def load_server_config(path: str | Path | None) -> ServerConfig:

@@ -17,12 +17,15 @@ from pathlib import Path
 import trio
 from rich.console import Console
 
-from ._config import AgentConfig, ApiConfig, DnsConfig, ServerConfig
+from ._config import AgentConfig, ApiConfig, DnsConfig, GossipConfig, ServerConfig
 from ._log import get_logger
 
 __all__ = ["run_agent", "run_dev", "run_server", "wait_for_stop_signal"]
 
 log = get_logger("hostmesh")
+
+#: Seconds a stopping agent spends telling the cluster it leaves.
+LEAVE_TIMEOUT = 2.0
 
 
 async def wait_for_stop_signal() -> None:
@@ -40,6 +43,8 @@ async def run_agent(config: AgentConfig) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         await wait_for_stop_signal()
+        with trio.move_on_after(LEAVE_TIMEOUT):
+            await agent.leave()
         nursery.cancel_scope.cancel()
 
 
@@ -58,6 +63,7 @@ async def run_dev(
     api_bind: str = "127.0.0.1:4191",
     server_bind: str = "127.0.0.1:4150",
     dns_bind: str = "127.0.0.1:8600",
+    gossip_bind: str = "127.0.0.1:7946",
     out: Console | None = None,
 ) -> None:
     """A server on a temporary store and one agent (AZ dev-1a), until Ctrl-C."""
@@ -70,6 +76,7 @@ async def run_dev(
         cfg = AgentConfig.dev(data_dir=str(Path(tmp) / "agent"))
         cfg = replace(cfg, node_name=socket.gethostname().split(".")[0] or "dev",
                       api=ApiConfig(bind=api_bind), dns=DnsConfig(bind=dns_bind),
+                      gossip=GossipConfig(bind=gossip_bind),
                       servers=(server_bind,))  # fmt: skip
         agent = Agent(cfg)
         async with trio.open_nursery() as nursery:

@@ -164,6 +164,9 @@ def dev(
     dns: Annotated[str, typer.Option(help="DNS address, UDP and TCP (port 0: any).")] = (
         "127.0.0.1:8600"
     ),
+    gossip: Annotated[str, typer.Option(help="Gossip address, UDP and TCP (port 0: any).")] = (
+        "127.0.0.1:7946"
+    ),
 ) -> None:
     """Run a server and an agent in one process on built-in defaults: try hostmesh."""
     from ._daemons import run_dev
@@ -227,6 +230,35 @@ def services(
             ",".join(r["tags"]) or "-",
             f"[{style}]{r['health']}[/]",
         )
+    console.print(table)
+
+
+_STATE_STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+
+
+@app.command()
+def members(agent: AgentOpt = DEFAULT_AGENT, as_json: JsonOpt = False) -> None:
+    """List the gossip members this agent knows, with their AZ and state."""
+    rows = [
+        {
+            "name": m["Name"],
+            "address": f"{m['Addr']}:{m['Port']}",
+            "az": m["Tags"].get("az", ""),
+            "status": m["State"],
+            "incarnation": m["Incarnation"],
+        }
+        for m in _call(agent, "GET", "/v1/agent/members").json()
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} member(s)", title_justify="left")
+    for col in ("NAME", "ADDRESS", "AZ", "STATUS", "INCARNATION"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        style = _STATE_STYLE.get(r["status"], "")
+        table.add_row(r["name"], r["address"], r["az"] or "-", f"[{style}]{r['status']}[/]",
+                      str(r["incarnation"]))  # fmt: skip
     console.print(table)
 
 

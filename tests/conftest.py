@@ -12,7 +12,7 @@ from typing import Any, ParamSpec
 import trio
 import trio.testing
 
-from hostmesh import AgentConfig, ApiConfig, DnsConfig
+from hostmesh import AgentConfig, ApiConfig, DnsConfig, GossipConfig
 from hostmesh.agent import Agent, AgentAddresses
 
 P = ParamSpec("P")
@@ -52,6 +52,7 @@ def agent_config(tmp_path: Path, **overrides: Any) -> AgentConfig:
         data_dir=str(tmp_path / "data"), services_dir=str(tmp_path / "services.d")
     )
     overrides.setdefault("dns", DnsConfig(bind="127.0.0.1:0", resolv_conf=""))
+    overrides.setdefault("gossip", GossipConfig(bind="127.0.0.1:0"))
     return replace(cfg, node_name="node-a", api=ApiConfig(bind="127.0.0.1:0"), **overrides)
 
 

@@ -80,6 +80,7 @@ def agent_files(tmp_path: Path) -> Path:
     (tmp_path / "agent.toml").write_text(
         f'node_name = "cli-node"\naz = "eu-west-1a"\ndata_dir = "{tmp_path / "data"}"\n'
         f'services_dir = "{tmp_path / "services.d"}"\n[api]\nbind = "127.0.0.1:0"\n'
+        '[dns]\nbind = "127.0.0.1:0"\nresolv_conf = ""\n[gossip]\nbind = "127.0.0.1:0"\n'
     )
     (tmp_path / "web.toml").write_text(
         'name = "web"\nport = 8080\ntags = ["v1"]\n[[checks]]\nttl = "1m"\n'
@@ -195,7 +196,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [HOSTMESH, "dev", "--api", "127.0.0.1:0", "--server-api", "127.0.0.1:0",
-         "--dns", "127.0.0.1:0"],
+         "--dns", "127.0.0.1:0", "--gossip", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, cwd=tmp_path,
     )  # fmt: skip
     try:

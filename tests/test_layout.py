@@ -26,6 +26,16 @@ SANS_IO_MODULES = (
     "hostmesh.catalog._model",
     "hostmesh.catalog._catalog",
     "hostmesh.catalog._query",
+    "hostmesh.catalog._messages",
+    "hostmesh.catalog._codec",
+    "hostmesh.catalog._keyring",
+    "hostmesh.catalog._broadcast",
+    "hostmesh.catalog._suspicion",
+    "hostmesh.catalog._awareness",
+    "hostmesh.catalog._swim",
+    "hostmesh.dns._wire",
+    "hostmesh.dns._resolver",
+    "hostmesh.dns._recursors",
 )
 
 # Top-level modules a sans-IO module may not import, directly or through a sibling.

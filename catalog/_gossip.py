@@ -1,0 +1,307 @@
+"""The Trio adapter around :class:`Swim`: transports, timers, push-pull, join.
+
+A :class:`Transport` carries UDP-like packets and TCP-like streams; the real
+one (:class:`UdpTcpTransport`) binds one UDP and one TCP socket on the same
+port, the simulator's runs in memory. Every packet is framed (version + CRC)
+and, with a keyring, sealed with AES-256-GCM; what fails to open or decode is
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import functools
+import random
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+
+from hostmesh._config import parse_hostport
+from hostmesh._log import get_logger
+
+from ._codec import FRAME_OVERHEAD, MAX_TCP_FRAME, DecodeError, decode, encode, frame, unframe
+from ._keyring import SEAL_OVERHEAD, DecryptError, Keyring
+from ._messages import PushPull
+from ._swim import Send, StartPushPull, Swim
+
+__all__ = ["DEFAULT_PORT", "GossipNode", "Transport", "UdpTcpTransport", "normalize_addr"]
+
+log = get_logger("hostmesh.gossip")
+
+#: The gossip port (Serf's LAN port).
+DEFAULT_PORT = 7946
+#: Largest UDP datagram read; bigger ones are not ours (packets stay under the budget).
+UDP_RECV = 65536
+#: Seconds a push-pull may take end to end before it is abandoned.
+PUSH_PULL_TIMEOUT = 10.0
+#: Largest frame read from a push-pull stream: a message plus frame and seal.
+MAX_STREAM_FRAME = MAX_TCP_FRAME + FRAME_OVERHEAD + SEAL_OVERHEAD
+#: Push-pulls running at once (each holds a TCP connection and a full state).
+MAX_PUSH_PULLS = 8
+
+StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
+
+
+def normalize_addr(addr: str) -> str:
+    """``host`` or ``host:port`` -> ``host:port`` (default port 7946)."""
+    if addr.count(":") == 1 or addr.startswith("["):
+        host, port = parse_hostport(addr)
+    else:
+        host, port = addr, DEFAULT_PORT
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Transport(abc.ABC):
+    """Packets and streams between members, addressed by ``host:port``."""
+
+    @abc.abstractmethod
+    async def send(self, addr: str, data: bytes) -> None:
+        """Send one packet; failures are swallowed (UDP semantics)."""
+
+    @abc.abstractmethod
+    async def receive(self) -> tuple[bytes, str]:
+        """The next packet and its sender's address."""
+
+    @abc.abstractmethod
+    async def connect(self, addr: str) -> trio.abc.Stream:
+        """A stream to ``addr``. Raises OSError when unreachable."""
+
+    @abc.abstractmethod
+    async def serve(
+        self,
+        handler: StreamHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run ``handler`` for every incoming stream until cancelled."""
+
+
+class UdpTcpTransport(Transport):
+    """Real sockets: UDP and TCP on the same ``host:port``. Call :meth:`bind` first."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._udp = trio.socket.socket(family, socket.SOCK_DGRAM)
+        self._tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+
+    async def bind(self) -> str:
+        """Bind both sockets (port 0: a free one); returns ``host:port``."""
+        await self._udp.bind((self.host, self.port))
+        self.port = self._udp.getsockname()[1]
+        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await self._tcp.bind((self.host, self.port))
+        self._tcp.listen(128)
+        return normalize_addr(f"{self.host}:{self.port}")
+
+    def close(self) -> None:
+        self._udp.close()
+        self._tcp.close()
+
+    async def send(self, addr: str, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # UDP: a lost packet is normal
+            await self._udp.sendto(data, parse_hostport(addr))
+
+    async def receive(self) -> tuple[bytes, str]:
+        while True:
+            try:
+                data, peer = await self._udp.recvfrom(UDP_RECV)
+            except OSError:  # ICMP errors surface on the socket; not a packet
+                continue
+            return data, normalize_addr(f"{peer[0]}:{peer[1]}")
+
+    async def connect(self, addr: str) -> trio.abc.Stream:
+        host, port = parse_hostport(addr)
+        return await trio.open_tcp_stream(host, port)
+
+    async def serve(
+        self,
+        handler: StreamHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handler, [trio.SocketListener(self._tcp)])
+            task_status.started()
+
+
+async def _send_frame(stream: trio.abc.Stream, data: bytes) -> None:
+    await stream.send_all(struct.pack("!I", len(data)) + data)
+
+
+async def _receive_frame(stream: trio.abc.Stream) -> bytes:
+    async def exactly(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await stream.receive_some(min(n - len(buf), 65536))
+            if not chunk:
+                raise DecodeError("stream closed mid-frame")
+            buf += chunk
+        return bytes(buf)
+
+    (length,) = struct.unpack("!I", await exactly(4))
+    if length > MAX_STREAM_FRAME:
+        raise DecodeError(f"frame of {length} bytes exceeds {MAX_STREAM_FRAME}")
+    return await exactly(length)
+
+
+class GossipNode:
+    """Runs one :class:`Swim` over a :class:`Transport`.
+
+    The caller owns the transport. ``on_change`` is called after anything that
+    may have changed the catalog or membership (to wake blocking queries).
+    """
+
+    def __init__(
+        self,
+        swim: Swim,
+        transport: Transport,
+        keyring: Keyring | None = None,
+        *,
+        on_change: Callable[[], None] = lambda: None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.swim = swim
+        self.transport = transport
+        self.keyring = keyring or Keyring()
+        self.on_change = on_change
+        self.rng = rng or random.Random()
+        self.dropped: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None
+        self._push_pulls = trio.Semaphore(MAX_PUSH_PULLS)
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def _seal(self, payload: bytes) -> bytes:
+        return self.keyring.seal(frame(payload))
+
+    def _open(self, data: bytes) -> bytes | None:
+        try:
+            return unframe(self.keyring.open(data))
+        except DecodeError as exc:
+            self._drop("undecryptable" if isinstance(exc, DecryptError) else "malformed")
+            return None
+
+    async def _execute(self, outputs: Iterable[Send | StartPushPull]) -> None:
+        for out in outputs:
+            if isinstance(out, Send):
+                await self.transport.send(out.addr, self._seal(out.payload))
+            elif self._nursery is not None:
+                self._nursery.start_soon(self.push_pull, out.addr, out.join)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; started once the stream listener runs."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(functools.partial(self.transport.serve, self._answer_push_pull))
+            nursery.start_soon(self._loop)
+            task_status.started()
+
+    async def _loop(self) -> None:
+        swim = self.swim
+        while True:
+            deadline = swim.next_deadline()
+            if trio.current_time() >= deadline:
+                await self._execute(swim.tick(trio.current_time()))
+                self.on_change()
+                continue
+            with trio.move_on_at(deadline):
+                data, addr = await self.transport.receive()
+                payload = self._open(data)
+                if payload is not None:
+                    await self._execute(swim.receive(payload, addr, trio.current_time()))
+                    self.on_change()
+
+    # --- push-pull ----------------------------------------------------------------------
+
+    async def push_pull(self, addr: str, join: bool = False) -> bool:
+        """One push-pull with ``addr``; True when it completed."""
+        async with self._push_pulls:
+            with trio.move_on_after(PUSH_PULL_TIMEOUT):
+                try:
+                    stream = await self.transport.connect(addr)
+                    async with stream:
+                        await _send_frame(
+                            stream, self._seal(encode(self.swim.push_pull_state(join)))
+                        )
+                        reply = self._decode_push_pull(await _receive_frame(stream))
+                        if reply is None:
+                            return False
+                        rest = self.swim.finish_push_pull(reply, trio.current_time())
+                        self.on_change()
+                        await _send_frame(stream, self._seal(encode(rest)))
+                        return True
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._drop("push_pull_unreachable")
+                    return False
+                except DecodeError:
+                    self._drop("push_pull_malformed")
+                    return False
+        self._drop("push_pull_timeout")
+        return False
+
+    def _decode_push_pull(self, data: bytes) -> PushPull | None:
+        payload = self._open(data)
+        if payload is None:
+            return None
+        try:
+            msg = decode(payload)
+        except DecodeError:
+            self._drop("malformed")
+            return None
+        if not isinstance(msg, PushPull):
+            self._drop("unexpected")
+            return None
+        return msg
+
+    async def _answer_push_pull(self, stream: trio.abc.Stream) -> None:
+        async with stream:
+            with trio.move_on_after(PUSH_PULL_TIMEOUT):
+                try:
+                    request = self._decode_push_pull(await _receive_frame(stream))
+                    if request is None:
+                        return
+                    reply = self.swim.answer_push_pull(request, trio.current_time())
+                    self.on_change()
+                    await _send_frame(stream, self._seal(encode(reply)))
+                    rest = self._decode_push_pull(await _receive_frame(stream))
+                    if rest is not None:
+                        self.swim.take_records(rest)
+                        self.on_change()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, DecodeError):
+                    self._drop("push_pull_malformed")
+
+    # --- join and leave -------------------------------------------------------------------
+
+    async def join(self, seeds: Iterable[str], *, retries: int, backoff: float) -> int:
+        """Push-pull with every seed, retrying each with jittered exponential backoff.
+
+        Returns how many seeds were reached (0: we are alone, for now).
+        """
+        reached = 0
+        for seed in seeds:
+            addr = normalize_addr(seed)
+            if addr == self.swim.addr:
+                continue
+            delay = backoff
+            for attempt in range(retries):
+                if await self.push_pull(addr, join=True):
+                    reached += 1
+                    break
+                if attempt + 1 < retries:
+                    await trio.sleep(delay * self.rng.uniform(0.5, 1.5))
+                    delay *= 2
+            else:
+                log.warning("could not join through seed", seed=addr, attempts=retries)
+        return reached
+
+    async def leave(self) -> None:
+        """Announce a graceful leave (best effort, returns at once)."""
+        await self._execute(self.swim.leave(trio.current_time()))
