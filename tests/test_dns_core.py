@@ -133,7 +133,7 @@ def addresses(reply: DNSRecord) -> set[str]:
 def rcode(reply: DNSRecord) -> int:
     """The full rcode: header bits plus the OPT record's extended rcode (RFC 6891 6.1.3)."""
     ext = [rr.ttl >> 24 for rr in reply.ar if rr.rtype == QTYPE.OPT]
-    return (ext[0] << 4 if ext else 0) | reply.header.rcode
+    return (ext[0] << 4 if ext else 0) | int(reply.header.rcode)
 
 
 def soa_of(records: list[Any]) -> Any:
@@ -496,8 +496,9 @@ def test_known_name_without_the_asked_type_is_nodata(name: str, qtype: str) -> N
 
 def test_other_classes_are_refused() -> None:
     q = DNSRecord.question("udvr.svc.mesh", "A", "CH")
-    reply = DNSRecord.parse(make_core().handle(bytes(q.pack())))  # type: ignore[arg-type]
-    assert reply.header.rcode == Rcode.REFUSED
+    out = make_core().handle(bytes(q.pack()))
+    assert isinstance(out, bytes)
+    assert DNSRecord.parse(out).header.rcode == Rcode.REFUSED
 
 
 # --- TTLs -------------------------------------------------------------------------------------
@@ -546,6 +547,16 @@ def test_answers_are_shuffled_per_response() -> None:
     assert len(orders) > 1
     assert {frozenset(o) for o in orders} == {frozenset(f"10.1.0.{i}" for i in range(1, 6))}
     assert all(len(o) == 5 for o in orders)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_small_answers_serve_every_order_in_turn(n: int) -> None:
+    """With 2 or 3 records every order is served within n! consecutive answers."""
+    core = make_core(big_catalog(n))
+    orders = [tuple(rdatas(ask(core, "web.svc.mesh", qid=i))) for i in range(12)]
+    window = 2 if n == 2 else 6
+    for start in range(len(orders) - window + 1):
+        assert len(set(orders[start : start + window])) == window
 
 
 def test_srv_answers_are_shuffled_per_response() -> None:
@@ -764,13 +775,15 @@ def test_nxdomain_is_not_cached_past_a_registration() -> None:
 # --- header rules ------------------------------------------------------------------------------
 
 
-def test_cache_hits_get_their_own_id() -> None:
+@pytest.mark.parametrize("name", ["udvr.svc.mesh", "a1.node.mesh", "nope.svc.mesh"])
+def test_cache_hits_get_their_own_id(name: str) -> None:
     core = make_core()
-    first = ask(core, "udvr.svc.mesh", qid=1)
-    second = ask(core, "udvr.svc.mesh", qid=0xBEEF)
+    first = ask(core, name, qid=1)
+    second = ask(core, name, qid=0xBEEF)
     assert (first.header.id, second.header.id) == (1, 0xBEEF)
     assert core.stats.hits == 1
     assert addresses(first) == addresses(second)
+    assert first.header.rcode == second.header.rcode
 
 
 def test_question_case_is_echoed_as_sent() -> None:
