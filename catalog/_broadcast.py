@@ -26,6 +26,7 @@ Sans-IO: no I/O, no clock.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -61,8 +62,9 @@ class Broadcast:
     seq: int = field(default=0, compare=False)
 
 
-def _seq(b: Broadcast) -> int:
-    return b.seq
+#: The age key for bisect; attrgetter runs in C (a Python function here was the
+#: queue's main cost in 1,000-member simulations).
+_seq = operator.attrgetter("seq")
 
 
 class BroadcastQueue:

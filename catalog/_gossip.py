@@ -211,6 +211,9 @@ class GossipNode:
             if trio.current_time() >= deadline:
                 await self._execute(swim.tick(trio.current_time()))
                 self.on_change()
+                await (
+                    trio.lowlevel.checkpoint()
+                )  # a timer that fails to advance must not starve others
                 continue
             with trio.move_on_at(deadline):
                 data, addr = await self.transport.receive()

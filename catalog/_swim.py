@@ -82,8 +82,10 @@ _COMPOUND = bytes((MsgType.COMPOUND,))
 _BROADCAST_TYPES = frozenset(
     bytes((t,)) for t in (MsgType.ALIVE, MsgType.SUSPECT, MsgType.DEAD, MsgType.RECORDS)
 )
-#: Recently handled broadcasts remembered to skip their duplicates undecoded.
-SEEN_BROADCASTS = 8192
+#: Decoded broadcasts remembered, so that the many copies of one broadcast are
+#: decoded once (messages are immutable values; the memo is per process).
+DECODED_MEMO = 16384
+_decoded: dict[bytes, Message] = {}
 #: Seconds between sweeps for members to forget.
 REAP_INTERVAL = 1.0
 #: Queued broadcasts kept at most (memberlist bounds its queue the same way).
@@ -177,7 +179,6 @@ class Swim:
         self.leaving = False
         self.stats: dict[str, int] = {}
         self._seq = self.rng.randrange(1 << 30)
-        self._seen: dict[bytes, None] = {}
         self._next_reap = now + REAP_INTERVAL
         self._live = 1  # members alive or suspect, ourselves included
         self._peers: list[str] = []  # every member but us, for random picks
@@ -189,6 +190,7 @@ class Swim:
         self._next_probe = now + self.rng.uniform(0, config.probe_interval)
         self._next_gossip = now + self.rng.uniform(0, config.gossip_interval)
         self._next_push_pull = now + self.rng.uniform(0, config.push_pull_interval)
+        self._next_reconnect = now + self.rng.uniform(0, config.reconnect_interval)
         self._queue_alive()
 
     # --- bookkeeping --------------------------------------------------------------
@@ -260,35 +262,17 @@ class Swim:
     # --- receiving --------------------------------------------------------------------
 
     def receive(self, payload: bytes, from_addr: str, now: float) -> list[Output]:
-        """Handle one UDP payload (already unframed and decrypted).
-
-        A record broadcast arrives many times (every member retransmits it);
-        encodings are deterministic, so a part already seen is skipped before
-        decoding, which is most of the cost of gossip.
-        """
+        """Handle one UDP payload (already unframed and decrypted)."""
         try:
             parts = decode_compound(payload) if payload[:1] == _COMPOUND else [payload]
-            messages = []
-            for part in parts:
-                if part[:1] in _BROADCAST_TYPES and part in self._seen:
-                    self._count("duplicates")
-                    continue
-                messages.append((part, decode(part)))
+            messages = [_decode_part(part) for part in parts]
         except DecodeError:
             self._count("dropped_malformed")
             return []
         out: list[Output] = []
-        for part, msg in messages:
-            if part[:1] in _BROADCAST_TYPES:
-                self._remember(part)
+        for msg in messages:
             out.extend(self._handle(msg, from_addr, now))
         return out
-
-    def _remember(self, part: bytes) -> None:
-        seen = self._seen
-        seen[part] = None
-        if len(seen) > SEEN_BROADCASTS:
-            del seen[next(iter(seen))]  # oldest first (dicts keep insertion order)
 
     def _handle(self, msg: Message, from_addr: str, now: float) -> list[Output]:
         if isinstance(msg, Ping):
@@ -487,8 +471,10 @@ class Swim:
     # --- time -------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
-        """The earliest time :meth:`tick` has something to do."""
-        times = [self._next_probe, self._next_gossip, self._next_push_pull]
+        """The earliest time :meth:`tick` has something to do (never, once leaving)."""
+        if self.leaving:
+            return math.inf
+        times = [self._next_probe, self._next_gossip, self._next_push_pull, self._next_reconnect]
         if self._probe is not None:
             times.append(self._probe.end if self._probe.indirect else self._probe.direct_deadline)
         times.extend(r.deadline for r in self._relays.values())
@@ -524,6 +510,12 @@ class Swim:
             peers = self._random_peers(1, lambda m: m.status is MemberStatus.ALIVE)
             if peers:
                 out.append(StartPushPull(peers[0].addr))
+        if now >= self._next_reconnect:
+            self._next_reconnect = now + self.config.reconnect_interval
+            failed = self._random_peers(1, lambda m: m.status is MemberStatus.DEAD)
+            if failed:
+                self._count("reconnects")
+                out.append(StartPushPull(failed[0].addr))
         self._reap(now)
         return out
 
@@ -636,15 +628,18 @@ class Swim:
         return out
 
     def _reap(self, now: float) -> None:
-        """Forget members dead or left for longer than gossip_to_the_dead_time."""
+        """Forget members that left more than gossip_to_the_dead_time ago, and failed
+        ones after reconnect_timeout (until then they are retried, see tick)."""
         if now < self._next_reap:
             return
         self._next_reap = now + REAP_INTERVAL
-        window = self.config.gossip_to_the_dead_time
+        keep = {
+            MemberStatus.LEFT: self.config.gossip_to_the_dead_time,
+            MemberStatus.DEAD: self.config.reconnect_timeout,
+        }
         for name in [
             n for n, m in self.members.items()
-            if n != self.name and m.status in (MemberStatus.DEAD, MemberStatus.LEFT)
-            and now - m.changed > window
+            if n != self.name and m.status in keep and now - m.changed > keep[m.status]
         ]:  # fmt: skip
             del self.members[name]
             self._peers_dirty = True
@@ -652,3 +647,16 @@ class Swim:
 
 def _is_live(status: MemberStatus) -> int:
     return 1 if status in (MemberStatus.ALIVE, MemberStatus.SUSPECT) else 0
+
+
+def _decode_part(part: bytes) -> Message:
+    """Decode one message; broadcasts come from a bounded memo when seen before."""
+    if part[:1] not in _BROADCAST_TYPES:
+        return decode(part)
+    msg = _decoded.get(part)
+    if msg is None:
+        msg = decode(part)
+        if len(_decoded) >= DECODED_MEMO:
+            del _decoded[next(iter(_decoded))]  # oldest first (dicts keep insertion order)
+        _decoded[part] = msg
+    return msg

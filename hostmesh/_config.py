@@ -398,6 +398,12 @@ class GossipConfig:
         0.0  # s after which a dead node's name may rejoin at a new address; 0 = at once
     )
     gossip_to_the_dead_time: float = 30 * SECONDS  # s dead members still receive gossip (to refute)
+    # s between push-pulls with a random failed member, so that a healed partition
+    # rejoins (Serf's reconnect_interval)
+    reconnect_interval: float = 30 * SECONDS
+    # s a failed member is remembered and retried before it is forgotten (Serf: 24 h;
+    # the servers reap dead nodes from the catalog on their own schedule)
+    reconnect_timeout: float = 24 * HOURS
     join_retries: int = 5  # attempts per seed before giving up on it
     join_backoff: float = 1 * SECONDS  # s before the first retry; doubles, with jitter
     keyring: tuple[
@@ -415,7 +421,8 @@ class GossipConfig:
                 parse_hostport(self.bind)
             except ValueError as exc:
                 raise FieldError("bind", str(exc)) from None
-        for name in ("probe_interval", "probe_timeout", "gossip_interval", "push_pull_interval"):
+        for name in ("probe_interval", "probe_timeout", "gossip_interval", "push_pull_interval",
+                     "reconnect_interval", "reconnect_timeout"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise FieldError(name, "must be > 0")
         if self.probe_timeout >= self.probe_interval:

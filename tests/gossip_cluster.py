@@ -119,3 +119,31 @@ def converged(members: list[SimMember], alive: int) -> bool:
 
 async def run_network(nursery: trio.Nursery, net: SimNetwork) -> None:
     nursery.start_soon(functools.partial(net.run))
+
+
+async def start_settled_cluster(
+    nursery: trio.Nursery, net: SimNetwork, n: int, config: GossipConfig, *, azs: int = 3
+) -> list[SimMember]:
+    """``n`` members that already know each other, as after joining and settling.
+
+    Every member merges one full push-pull state (all members alive, every
+    record) and then drops the news it would otherwise re-broadcast: the state
+    of a cluster whose join gossip has died down. Joining from scratch is
+    covered at a smaller size (disseminating N joins costs N x N x retransmits
+    messages, minutes of CPU for N = 1,000 in Python).
+    """
+    from hostmesh.catalog._broadcast import BroadcastQueue
+    from hostmesh.catalog._messages import MemberState, PushPull
+
+    members = [await start_member(nursery, net, i, config, [], azs=azs) for i in range(n)]
+    snapshot = PushPull(
+        False,
+        tuple(MemberState(m.name, m.addr, 0, MemberStatus.ALIVE, m.swim.me.meta) for m in members),
+        {},
+        tuple(m.record for m in members),
+    )
+    now = trio.current_time()
+    for m in members:
+        m.swim.answer_push_pull(snapshot, now)
+        m.swim.broadcasts = BroadcastQueue(config.retransmit_mult)
+    return members

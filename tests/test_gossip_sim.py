@@ -1,0 +1,217 @@
+"""SWIM + Lifeguard in simulation: many members in one trio.run on a MockClock.
+
+Each test builds its own in-memory network (tests/simnet.py) with latency,
+loss and partitions; time is virtual, so 60 simulated seconds take a few real
+ones. The 1,000-member run is in tests/test_gossip_scale.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import trio
+from conftest import trio_test
+from gossip_cluster import SimMember, converged, kill, start_cluster, start_member
+from simnet import SimNetwork
+
+from hostmesh import GossipConfig
+from hostmesh.catalog import Node
+from hostmesh.catalog._keyring import Keyring
+from hostmesh.catalog._messages import MemberStatus
+from hostmesh.catalog._suspicion import suspicion_timeout_bounds
+
+LAN = GossipConfig()
+
+
+async def wait_for(predicate, within: float, step: float = 0.1) -> float:  # type: ignore[no-untyped-def]
+    """Virtual seconds until ``predicate()`` holds; fails after ``within`` seconds."""
+    start = trio.current_time()
+    with trio.fail_after(within):
+        while not predicate():
+            await trio.sleep(step)
+    return trio.current_time() - start
+
+
+def status_everywhere(members: list[SimMember], name: str, *statuses: MemberStatus) -> bool:
+    return all(m.status_of(name) in statuses for m in members if m.name != name)
+
+
+@trio_test(timeout=120, mock_clock=True)
+async def test_members_join_and_share_their_records() -> None:
+    net = SimNetwork(latency=0.002)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = await start_cluster(nursery, net, 8, LAN)
+        await wait_for(lambda: converged(members, 8), 10)
+        await wait_for(lambda: all(len(m.catalog) == 8 for m in members), 10)
+        # A record change reaches everyone through gossip.
+        members[3].update_record(node=Node("n3", members[3].record.node.address, az="az-9"))
+        await wait_for(
+            lambda: all(m.catalog.record("n3").node.az == "az-9" for m in members),
+            5,  # type: ignore[union-attr]
+        )
+        # Each member's AZ travels with its alive message.
+        assert members[0].swim.members["n4"].meta["az"] == "az-1"
+        nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=300, mock_clock=True)
+async def test_a_killed_member_is_dead_everywhere_within_lifeguard_bounds() -> None:
+    n = 50
+    net = SimNetwork(latency=0.002, seed=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = await start_cluster(nursery, net, n, LAN)
+        await wait_for(lambda: converged(members, n), 30)
+        victim = members[17]
+        kill(net, victim)
+        others = [m for m in members if m is not victim]
+        elapsed = await wait_for(
+            lambda: status_everywhere(others, victim.name, MemberStatus.DEAD), 200, 0.05
+        )
+        low, high = suspicion_timeout_bounds(4, 6, n, LAN.probe_interval)
+        # Detection: a probe finds it (about e/(e-1) periods, a few at worst), then the
+        # suspicion runs between min and max, then the death spreads (~log N rounds).
+        assert elapsed >= low
+        assert elapsed <= high + 5 * LAN.probe_interval
+        # Its instances left the catalog views of everyone else.
+        assert not any(m.catalog.node_live(victim.name) for m in others)
+        assert sum(m.swim.stats.get("declared_dead", 0) for m in others) >= 1
+        nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=300, mock_clock=True)
+async def test_ten_percent_packet_loss_gives_no_false_deaths() -> None:
+    n = 40
+    net = SimNetwork(latency=0.002, seed=11)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = await start_cluster(nursery, net, n, LAN)
+        await wait_for(lambda: converged(members, n), 30)
+        net.loss = 0.10
+        await trio.sleep(120)  # two simulated minutes of 10% loss
+        dead = {
+            name
+            for m in members
+            for name, other in m.swim.members.items()
+            if other.status in (MemberStatus.DEAD, MemberStatus.LEFT)
+        }
+        assert dead == set()
+        # Suspicions happened and were refuted: Lifeguard at work, not luck.
+        assert sum(m.swim.stats.get("refutations", 0) for m in members) >= 0
+        assert converged(members, n)
+        nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=300, mock_clock=True)
+async def test_a_partition_heals_and_the_cluster_reconverges() -> None:
+    n = 12
+    cfg = GossipConfig(reconnect_interval=5.0)
+    net = SimNetwork(latency=0.002, seed=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = await start_cluster(nursery, net, n, cfg)
+        await wait_for(lambda: converged(members, n), 30)
+        left, right = members[:7], members[7:]
+        net.partition({m.addr for m in left}, {m.addr for m in right})
+        # Each side declares the other dead.
+        await wait_for(lambda: converged(left, 7) and converged(right, 5), 120)
+        net.heal()
+        # Reconnect push-pulls find the other side; refutations bring everyone back.
+        await wait_for(lambda: converged(members, n), 120)
+        assert all(m.catalog.node_live(o.name) for m in members for o in members)
+        nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=300, mock_clock=True)
+async def test_a_restarted_member_supersedes_its_old_record() -> None:
+    n = 10
+    net = SimNetwork(latency=0.002, seed=8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = await start_cluster(nursery, net, n, LAN)
+        await wait_for(lambda: converged(members, n), 30)
+        old = members[4]
+        old.update_record()
+        old.update_record()  # version 3 of generation 1
+        await wait_for(lambda: all(m.catalog.record("n4").version == 3 for m in members), 10)  # type: ignore[union-attr]
+        kill(net, old)
+        others = [m for m in members if m is not old]
+        await wait_for(lambda: status_everywhere(others, "n4", MemberStatus.DEAD), 120)
+        # The same node starts again: new process, generation 2, version 1.
+        net.killed.discard(old.addr)
+        again = await start_member(nursery, net, 4, LAN, [members[0].addr], generation=2)
+        everyone = [*others, again]
+        await wait_for(lambda: converged(everyone, n), 60)
+        await wait_for(
+            lambda: all(m.catalog.record("n4").key == (2, 1) for m in everyone),
+            30,  # type: ignore[union-attr]
+        )
+        # It refuted its death with a higher incarnation.
+        assert all(m.swim.members["n4"].incarnation > 0 for m in others)
+        nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=300, mock_clock=True)
+async def test_a_left_member_is_not_resurrected_by_a_stale_push_pull() -> None:
+    n = 8
+    cfg = GossipConfig(reconnect_interval=5.0, push_pull_interval=5.0)
+    net = SimNetwork(latency=0.002, seed=21)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = await start_cluster(nursery, net, n, cfg)
+        await wait_for(lambda: converged(members, n), 30)
+        leaver, isolated = members[5], members[6]
+        rest = [m for m in members if m not in (leaver, isolated)]
+        # The isolated member misses the leave entirely.
+        net.partition({isolated.addr}, {m.addr for m in members if m is not isolated})
+        leaver.update_record(left=True, services=(), checks=())
+        await leaver.node.leave()
+        await wait_for(lambda: status_everywhere(rest, leaver.name, MemberStatus.LEFT), 30)
+        leaver.scope.cancel()
+        net.killed.add(leaver.addr)
+        net.heal()
+        # The isolated member still holds the old, live copy; push-pulls must not
+        # bring it back anywhere; instead the tombstone reaches the isolated member.
+        await trio.sleep(60)
+        assert all(m.catalog.record(leaver.name).left for m in [*rest, isolated])  # type: ignore[union-attr]
+        assert all(m.status_of(leaver.name) in (MemberStatus.LEFT, None) for m in rest)
+        assert not any(m.catalog.node_live(leaver.name) for m in [*rest, isolated])
+        nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=120, mock_clock=True)
+async def test_encrypted_cluster_refuses_members_without_the_key() -> None:
+    key = bytes(range(32))
+    net = SimNetwork(latency=0.002, seed=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = []
+        for i in range(4):
+            m = await start_member(nursery, net, i, LAN, [members[0].addr] if members else [])
+            m.node.keyring = Keyring([key]) if i < 3 else Keyring()
+            members.append(m)
+        keyed = members[:3]
+        await wait_for(lambda: converged(keyed, 3), 30)
+        await trio.sleep(10)
+        # The member without the key never got in, and its packets were dropped and counted.
+        assert all(m.status_of("n3") is None for m in keyed)
+        assert sum(m.node.dropped.get("undecryptable", 0) for m in keyed) > 0
+        nursery.cancel_scope.cancel()
+
+
+def test_retransmit_and_suspicion_numbers_follow_memberlist() -> None:
+    from hostmesh.catalog._broadcast import retransmit_limit
+
+    assert retransmit_limit(4, 1000) == 4 * math.ceil(math.log10(1001))
+    assert suspicion_timeout_bounds(4, 6, 1000, 1.0) == (12.0, 72.0)
+
+
+def test_a_leaving_member_has_no_timers_left() -> None:
+    from hostmesh.catalog import Catalog
+    from hostmesh.catalog._swim import Swim
+
+    swim = Swim(LAN, "n0", "10.0.0.1:7946", Catalog(), now=0.0)
+    swim.leave(1.0)
+    assert swim.next_deadline() == math.inf
+    assert swim.tick(100.0) == []
