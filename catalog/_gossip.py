@@ -13,7 +13,6 @@ import abc
 import contextlib
 import functools
 import random
-import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -21,6 +20,7 @@ import trio
 
 from hostmesh._config import parse_hostport
 from hostmesh._log import get_logger
+from hostmesh._net import bind_udp_tcp
 
 from ._codec import FRAME_OVERHEAD, MAX_TCP_FRAME, DecodeError, decode, encode, frame, unframe
 from ._keyring import SEAL_OVERHEAD, DecryptError, Keyring
@@ -85,31 +85,35 @@ class UdpTcpTransport(Transport):
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._udp = trio.socket.socket(family, socket.SOCK_DGRAM)
-        self._tcp = trio.socket.socket(family, socket.SOCK_STREAM)
+        self._udp: trio.socket.SocketType | None = None
+        self._tcp: trio.socket.SocketType | None = None
 
     async def bind(self) -> str:
         """Bind both sockets (port 0: a free one); returns ``host:port``."""
-        await self._udp.bind((self.host, self.port))
-        self.port = self._udp.getsockname()[1]
-        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await self._tcp.bind((self.host, self.port))
-        self._tcp.listen(128)
+        udp, tcp = bind_udp_tcp(self.host, self.port)
+        self._udp = trio.socket.from_stdlib_socket(udp)
+        self._tcp = trio.socket.from_stdlib_socket(tcp)
+        self.port = udp.getsockname()[1]
         return normalize_addr(f"{self.host}:{self.port}")
 
+    @property
+    def udp(self) -> trio.socket.SocketType:
+        assert self._udp is not None, "bind() first"
+        return self._udp
+
     def close(self) -> None:
-        self._udp.close()
-        self._tcp.close()
+        for sock in (self._udp, self._tcp):
+            if sock is not None:
+                sock.close()
 
     async def send(self, addr: str, data: bytes) -> None:
         with contextlib.suppress(OSError):  # UDP: a lost packet is normal
-            await self._udp.sendto(data, parse_hostport(addr))
+            await self.udp.sendto(data, parse_hostport(addr))
 
     async def receive(self) -> tuple[bytes, str]:
         while True:
             try:
-                data, peer = await self._udp.recvfrom(UDP_RECV)
+                data, peer = await self.udp.recvfrom(UDP_RECV)
             except OSError:  # ICMP errors surface on the socket; not a packet
                 continue
             return data, normalize_addr(f"{peer[0]}:{peer[1]}")
@@ -125,6 +129,7 @@ class UdpTcpTransport(Transport):
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async with trio.open_nursery() as nursery:
+            assert self._tcp is not None, "bind() first"
             await nursery.start(trio.serve_listeners, handler, [trio.SocketListener(self._tcp)])
             task_status.started()
 

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from hostmesh._log import get_logger
+from hostmesh._net import bind_udp_tcp
 
 from ._resolver import DnsCore, Forward
 from ._wire import HEADER_SIZE, MAX_QUERY_SIZE, Rcode
@@ -139,17 +140,10 @@ async def serve_dns(
     Binds UDP first (port 0 picks a free port) and TCP on the same port, then
     reports the bound ``(host, port)``.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    udp = socket.socket(family, socket.SOCK_DGRAM)
-    tcp: trio.socket.SocketType | None = None
+    udp, raw_tcp = bind_udp_tcp(host, port)
+    tcp = trio.socket.from_stdlib_socket(raw_tcp)
     try:
-        udp.setblocking(False)
-        udp.bind((host, port))
         bound = udp.getsockname()[:2]
-        tcp = trio.socket.socket(family, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await tcp.bind((host, bound[1]))
-        tcp.listen(128)
         listener = trio.SocketListener(tcp)
         clients = _TcpClients(core, recursor, tcp_idle_timeout, max_tcp_connections)
         async with trio.open_nursery() as nursery:
@@ -161,8 +155,7 @@ async def serve_dns(
             task_status.started((bound[0], bound[1]))
     finally:
         udp.close()
-        if tcp is not None:
-            tcp.close()
+        tcp.close()
 
 
 async def _udp_loop(

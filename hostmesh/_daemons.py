@@ -13,11 +13,23 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from rich.console import Console
 
-from ._config import AgentConfig, ApiConfig, DnsConfig, GossipConfig, ServerConfig
+if TYPE_CHECKING:
+    from hostmesh.agent import AgentAddresses
+
+from ._config import (
+    AgentConfig,
+    ApiConfig,
+    DnsConfig,
+    GossipConfig,
+    ServerConfig,
+    parse_hostport,
+)
+from ._errors import ConfigError
 from ._log import get_logger
 
 __all__ = ["run_agent", "run_dev", "run_server", "wait_for_stop_signal"]
@@ -64,50 +76,93 @@ async def run_dev(
     server_bind: str = "127.0.0.1:4150",
     dns_bind: str = "127.0.0.1:8600",
     gossip_bind: str = "127.0.0.1:7946",
+    nodes: int = 1,
+    azs: int = 1,
     out: Console | None = None,
 ) -> None:
-    """A server on a temporary store and one agent (AZ dev-1a), until Ctrl-C."""
+    """A server on a temporary store and ``nodes`` agents in ``azs`` AZs, until Ctrl-C.
+
+    With one node it listens where the binds say. With several, agent i runs on
+    127.0.0.i with the default ports (or the binds' ports) and joins agent 1
+    over gossip, so a newcomer sees a multi-AZ mesh on one machine.
+    """
     from hostmesh.agent import Agent
     from hostmesh.server import Server
 
     out = out or Console()
+    if not 1 <= nodes <= 254 or not 1 <= azs <= 26:
+        raise ConfigError("hostmesh dev", "--nodes/--azs", "use 1..254 nodes in 1..26 AZs")
     with tempfile.TemporaryDirectory(prefix="hostmesh-dev-") as tmp:
         server = Server(ServerConfig(bind=server_bind, data_dir=str(Path(tmp) / "server")))
-        cfg = AgentConfig.dev(data_dir=str(Path(tmp) / "agent"))
-        cfg = replace(cfg, node_name=socket.gethostname().split(".")[0] or "dev",
-                      api=ApiConfig(bind=api_bind), dns=DnsConfig(bind=dns_bind),
-                      gossip=GossipConfig(bind=gossip_bind),
-                      servers=(server_bind,))  # fmt: skip
-        agent = Agent(cfg)
+        name = socket.gethostname().split(".")[0] or "dev"
+        configs: list[AgentConfig] = []
+        started: list[AgentAddresses] = []
         async with trio.open_nursery() as nursery:
             server_addr = await nursery.start(server.run)
-            addrs = await nursery.start(agent.run)
-            api = f"{addrs.api[0]}:{addrs.api[1]}"
-            dns = addrs.dns
-            agent_flag = "" if api == "127.0.0.1:4191" else f" --agent {api}"
-            # The suggested commands must work as printed, venv activated or not.
-            cli = (
-                "hostmesh"
-                if shutil.which("hostmesh")
-                else str(Path(sys.executable).with_name("hostmesh"))
-            )
-            out.print(
-                f"[bold]hostmesh dev[/]: a server and an agent in one process\n"
-                f"  node        {cfg.node_name} (AZ {cfg.az}, region {cfg.region})\n"
-                f"  agent API   http://{api}  (Consul-compatible; /metrics, /ready)\n"
-                f"  DNS         {dns[0]}:{dns[1]} UDP and TCP  (domain {cfg.dns.domain})\n"
-                f"  server API  http://{server_addr[0]}:{server_addr[1]}  (KV: /v1/kv/)\n"
-                f"  data        {tmp}  (removed on exit)\n"
-                "  the proxy on :4140 is not part of this build yet\n"
-                "\nTry:\n"
-                f"  curl -X PUT http://{api}/v1/agent/service/register "
-                """-d '{"Name": "web", "Port": 8080, "Check": {"TTL": "30s"}}'\n"""
-                f"  {cli} check pass service:web{agent_flag}\n"
-                f"  {cli} services{agent_flag}\n"
-                f"  dig @{dns[0]} -p {dns[1]} web.svc.{cfg.dns.domain} +short\n"
-                "\nCtrl-C stops.",
-                highlight=False,
-                soft_wrap=True,
-            )
+            for i in range(1, nodes + 1):
+                host = "127.0.0.1" if nodes == 1 else f"127.0.0.{i}"
+
+                def on(bind: str, host: str = host) -> str:
+                    return bind if nodes == 1 else f"{host}:{parse_hostport(bind)[1]}"
+
+                # Agents 2..N join agent 1 at the address it bound (port 0 works too).
+                seeds = (started[0].gossip,) if started else ()
+                cfg = replace(
+                    AgentConfig.dev(data_dir=str(Path(tmp) / f"agent{i}")),
+                    node_name=name if nodes == 1 else f"{name}-{i}", address=host,
+                    az=f"dev-1{chr(ord('a') + (i - 1) % azs)}",
+                    api=ApiConfig(bind=on(api_bind)), dns=DnsConfig(bind=on(dns_bind)),
+                    gossip=GossipConfig.for_profile("local", bind=on(gossip_bind), seeds=seeds),
+                    servers=(server_bind,),
+                )  # fmt: skip
+                configs.append(cfg)
+                started.append(await nursery.start(Agent(cfg).run))
+            _print_dev(out, configs, started, server_addr, tmp)
             await wait_for_stop_signal()
             nursery.cancel_scope.cancel()
+
+
+def _print_dev(
+    out: Console,
+    configs: list[AgentConfig],
+    started: list[AgentAddresses],
+    server_addr: tuple[str, int],
+    tmp: str,
+) -> None:
+    cfg, addrs = configs[0], started[0]
+    api = f"{addrs.api[0]}:{addrs.api[1]}"
+    dns = addrs.dns
+    agent_flag = "" if api == "127.0.0.1:4191" else f" --agent {api}"
+    # The suggested commands must work as printed, venv activated or not.
+    cli = (
+        "hostmesh" if shutil.which("hostmesh") else str(Path(sys.executable).with_name("hostmesh"))
+    )
+    if len(configs) == 1:
+        where = (
+            f"  node        {cfg.node_name} (AZ {cfg.az}, region {cfg.region})\n"
+            f"  agent API   http://{api}  (Consul-compatible; /metrics, /ready)\n"
+            f"  DNS         {dns[0]}:{dns[1]} UDP and TCP  (domain {cfg.dns.domain})\n"
+        )
+    else:
+        where = "".join(
+            f"  {c.node_name:<14} AZ {c.az}  API http://{a.api[0]}:{a.api[1]}  "
+            f"DNS {a.dns[0]}:{a.dns[1]}  gossip {a.gossip}\n"
+            for c, a in zip(configs, started, strict=True)
+        )
+    out.print(
+        f"[bold]hostmesh dev[/]: a server and {len(configs)} agent(s) in one process\n"
+        + where
+        + f"  server API  http://{server_addr[0]}:{server_addr[1]}  (KV: /v1/kv/)\n"
+        f"  data        {tmp}  (removed on exit)\n"
+        "  the proxy on :4140 is not part of this build yet\n"
+        "\nTry:\n"
+        f"  curl -X PUT http://{api}/v1/agent/service/register "
+        """-d '{"Name": "web", "Port": 8080, "Check": {"TTL": "30s"}}'\n"""
+        f"  {cli} check pass service:web{agent_flag}\n"
+        f"  {cli} services{agent_flag}\n"
+        f"  dig @{dns[0]} -p {dns[1]} web.svc.{cfg.dns.domain} +short\n"
+        + (f"  {cli} members{agent_flag}\n" if len(configs) > 1 else "")
+        + "\nCtrl-C stops.",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -167,12 +167,24 @@ def dev(
     gossip: Annotated[str, typer.Option(help="Gossip address, UDP and TCP (port 0: any).")] = (
         "127.0.0.1:7946"
     ),
+    nodes: Annotated[int, typer.Option(help="Agents to run, on 127.0.0.1..127.0.0.N.")] = 1,
+    azs: Annotated[int, typer.Option(help="Availability zones to spread them over.")] = 1,
 ) -> None:
     """Run a server and an agent in one process on built-in defaults: try hostmesh."""
     from ._daemons import run_dev
 
     _setup_logs(log_level, log_format)
-    _run_daemon(lambda: run_dev(api_bind=api, server_bind=server_api, dns_bind=dns, out=console))
+    _run_daemon(
+        lambda: run_dev(
+            api_bind=api,
+            server_bind=server_api,
+            dns_bind=dns,
+            gossip_bind=gossip,
+            nodes=nodes,
+            azs=azs,
+            out=console,
+        )
+    )
 
 
 # --- queries -----------------------------------------------------------------------

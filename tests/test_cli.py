@@ -231,3 +231,52 @@ def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None
         code = stop(proc, signal.SIGINT)
     assert code == 0
     assert not Path(data.group(1)).exists()  # the temporary store is removed on exit
+
+
+def test_dev_with_several_nodes_runs_a_multi_az_mesh_over_loopback(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [HOSTMESH, "dev", "--nodes", "3", "--azs", "2", "--api", "127.0.0.1:0",
+         "--server-api", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--gossip", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        _, lines = read_until(proc, "stdout", r"Ctrl-C stops")
+        rows = [
+            re.search(r"AZ (\S+)\s+API http://(\S+)\s+DNS (\S+)\s+gossip", line) for line in lines
+        ]
+        agents = [(m.group(1), m.group(2), m.group(3)) for m in rows if m]
+        assert [az for az, _, _ in agents] == ["dev-1a", "dev-1b", "dev-1a"]
+        assert [api.split(":")[0] for _, api, _ in agents] == [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.0.0.3",
+        ]
+        first_api = agents[0][1]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = run("members", "--json", "--agent", first_api)
+            if (
+                out.returncode == 0
+                and [m["status"] for m in json.loads(out.stdout)] == ["alive"] * 3
+            ):
+                break
+            time.sleep(0.2)
+        assert [m["az"] for m in json.loads(out.stdout)] == ["dev-1a", "dev-1b", "dev-1a"]
+        # A service on the third agent is visible through the first agent's DNS.
+        third_api = agents[2][1]
+        svc = tmp_path / "api.toml"
+        svc.write_text('name = "api"\nport = 9000\n')
+        assert run("register", str(svc), "--agent", third_api).returncode == 0
+        dns_host, dns_port = agents[0][2].split(":")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            dig = subprocess.run(
+                ["dig", f"@{dns_host}", "-p", dns_port, "api.svc.mesh", "+short"],
+                capture_output=True, text=True, timeout=20,
+            )  # fmt: skip
+            if dig.stdout.split() == ["127.0.0.3"]:
+                break
+            time.sleep(0.2)
+        assert dig.stdout.split() == ["127.0.0.3"]
+    finally:
+        assert stop(proc, signal.SIGINT) == 0
