@@ -19,6 +19,7 @@ from hostmesh._config import MINUTES, parse_duration
 from hostmesh._errors import NotFoundError, ValidationError
 from hostmesh._httpserver import Request, Response, clamp_wait
 from hostmesh.catalog import Health, healthy_instances, service_instances, service_names
+from hostmesh.catalog._messages import KeyringOp
 
 from ._consul import (
     catalog_service_json,
@@ -65,6 +66,8 @@ class AgentApi:
         add("PUT", r"/v1/agent/check/update/(?P<b>[^/]+)", self.check_update)
         add("GET", r"/v1/agent/self", self.agent_self)
         add("GET", r"/v1/agent/members", self.agent_members)
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            add(method, r"/v1/operator/keyring", self.keyring)
         add("GET", r"/v1/health/service/(?P<a>[^/]+)", self.health_service)
         add("GET", r"/v1/catalog/services", self.catalog_services)
         add("GET", r"/v1/catalog/service/(?P<a>[^/]+)", self.catalog_service)
@@ -244,6 +247,63 @@ class AgentApi:
                 }
             )  # fmt: skip
         return Response.json(out)
+
+    async def keyring(self, req: Request) -> Response:
+        """Consul's keyring endpoint: GET lists, POST installs, PUT uses, DELETE removes.
+
+        The operation is rolled across every member through gossip; the answer
+        counts the members holding each key, as Consul's does.
+        """
+        gossip = self.agent.gossip
+        if gossip is None:
+            raise ValidationError("gossip is not running")
+        op = {"GET": KeyringOp.LIST, "POST": KeyringOp.INSTALL, "PUT": KeyringOp.USE,
+              "DELETE": KeyringOp.REMOVE}[req.method]  # fmt: skip
+        key = ""
+        if op is not KeyringOp.LIST:
+            if not gossip.keyring.enabled:
+                raise ValidationError(
+                    "encryption is off: set gossip.keyring on every agent first "
+                    "(keys would otherwise travel in clear text)"
+                )
+            try:
+                body = req.json()
+            except ValueError as exc:
+                raise ValidationError(f"Request decode failed: {exc}") from None
+            given = body.get("Key") if isinstance(body, dict) else None
+            if not isinstance(given, str) or not given:
+                raise ValidationError('expected a body {"Key": "<base64 AES-256 key>"}')
+            key = given
+        answers, expected = await gossip.keyring_operation(op, key)
+        keys: dict[str, int] = {}
+        primaries: dict[str, int] = {}
+        for answer in answers:
+            for i, k in enumerate(answer.keys):
+                keys[k] = keys.get(k, 0) + 1
+                if i == 0:
+                    primaries[k] = primaries.get(k, 0) + 1
+        errors = {a.node: a.error for a in answers if not a.ok}
+        missing = expected - len(answers)
+        if op is not KeyringOp.LIST and (errors or missing):
+            detail = "; ".join(f"{n}: {e}" for n, e in sorted(errors.items()))
+            return Response.text(
+                f"{len(errors)} member(s) failed, {missing} did not answer"
+                + (f": {detail}" if detail else ""), 500)  # fmt: skip
+        return Response.json(
+            [
+                {
+                    "WAN": False,
+                    "Datacenter": self.agent.config.datacenter,
+                    "Segment": "",
+                    "Keys": keys,
+                    "PrimaryKeys": primaries,
+                    "NumNodes": expected,
+                    "NumResp": len(answers),
+                    "NumErr": len(errors),
+                    "Messages": errors,
+                }
+            ]
+        )
 
     # --- health and catalog -----------------------------------------------------
 

@@ -38,7 +38,7 @@ from hostmesh.catalog._swim import Swim
 from hostmesh.dns import DnsCore, Recursor, recursor_addresses, serve_dns
 
 from ._checks import CheckRunner
-from ._state import SOURCE_API, LocalState, Registration
+from ._state import SOURCE_API, LocalState, Registration, atomic_write
 
 __all__ = ["Agent", "AgentAddresses"]
 
@@ -149,6 +149,11 @@ class Agent:
             return Keyring.from_base64(keys, label=cfg.label)
         except (HostmeshError, TypeError, ValueError) as exc:
             raise ConfigError(str(path), "keyring", str(exc)) from None
+
+    def _save_keyring(self, keyring: Keyring) -> None:
+        """Keep the keyring as rotated, so a restart uses the current keys."""
+        atomic_write(self.keyring_path, json.dumps(keyring.to_base64()).encode())
+        log.info("keyring changed", keys=len(keyring.keys))
 
     def _make_dns(self) -> tuple[DnsCore, Recursor]:
         cfg = self.config.dns
@@ -348,7 +353,8 @@ class Agent:
             meta={"az": self.config.az, "region": self.config.region},
         )  # fmt: skip
         swim.record_changed(self.state.record)
-        self.gossip = GossipNode(swim, transport, self.keyring, on_change=self.notify)
+        self.gossip = GossipNode(swim, transport, self.keyring, on_change=self.notify,
+                                 on_keyring_change=self._save_keyring)  # fmt: skip
         await nursery.start(self.gossip.run)
         if cfg.seeds:
             nursery.start_soon(self._join, cfg.seeds)

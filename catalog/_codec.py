@@ -47,6 +47,9 @@ from ._messages import (
     Alive,
     Dead,
     IndirectPing,
+    KeyringOp,
+    KeyringRequest,
+    KeyringResponse,
     MemberState,
     MemberStatus,
     Message,
@@ -158,6 +161,8 @@ MAX_RECORD_SIZE = 1024 * 1024
 #: datacenter of REFERENCE.md. A member and its digest entry take ~90 bytes,
 #: so 16,384 of them fill 1.4 MB of the frame (measured).
 MAX_MEMBERS = 16_384
+#: Keys in one keyring answer: rotation needs two or three; more is a mistake.
+MAX_KEYS = 16
 #: Records in one message: one per member at most. The frame size, checked on
 #: encode, bounds the total; a count is also bounded by the bytes left.
 MAX_RECORDS_PER_MESSAGE = MAX_MEMBERS
@@ -374,6 +379,21 @@ def encode(msg: Message) -> bytes:
                 _w_uint(out, generation, "digest generation")
                 _w_uint(out, version, "digest version")
             _w_records(out, msg.records)
+        case KeyringRequest():
+            out.append(MsgType.KEYRING_REQUEST)
+            _w_uint(out, msg.id, "id")
+            out.append(msg.op)
+            _w_str(out, msg.key, MAX_NAME, "key")
+            _w_str(out, msg.origin_addr, MAX_NAME, "origin_addr")
+        case KeyringResponse():
+            out.append(MsgType.KEYRING_RESPONSE)
+            _w_uint(out, msg.id, "id")
+            _w_str(out, msg.node, MAX_NAME, "node")
+            _w_bool(out, msg.ok)
+            _w_str(out, msg.error, MAX_NAME, "error")
+            _w_count(out, len(msg.keys), MAX_KEYS, "keys")
+            for key in msg.keys:
+                _w_str(out, key, MAX_NAME, "key")
         case _:
             raise _refuse(f"{type(msg).__name__} is not a gossip message")
     if len(out) > MAX_TCP_FRAME:
@@ -634,6 +654,20 @@ def _r_message(r: _Reader) -> Message:
         msg = Records(_r_records(r))
     elif code == MsgType.PUSH_PULL:
         msg = _r_push_pull(r)
+    elif code == MsgType.KEYRING_REQUEST:
+        request_id = r.uint("id")
+        op = r.u8("keyring op")
+        if op not in KeyringOp._value2member_map_:
+            raise DecodeError(f"unknown keyring op {op}")
+        msg = KeyringRequest(request_id, KeyringOp(op), r.string(MAX_NAME, "key"),
+                             r.string(MAX_NAME, "origin_addr"))  # fmt: skip
+    elif code == MsgType.KEYRING_RESPONSE:
+        request_id = r.uint("id")
+        node = r.string(MAX_NAME, "node")
+        ok = r.boolean("ok")
+        error = r.string(MAX_NAME, "error")
+        keys = tuple(r.string(MAX_NAME, "key") for _ in range(r.count(MAX_KEYS, "keys", 1)))
+        msg = KeyringResponse(request_id, node, ok, error, keys)
     elif code == MsgType.COMPOUND:
         raise DecodeError("a compound message where one message was expected")
     else:

@@ -10,6 +10,7 @@ dropped and counted.
 from __future__ import annotations
 
 import abc
+import base64
 import contextlib
 import functools
 import random
@@ -23,11 +24,18 @@ from hostmesh._log import get_logger
 from hostmesh._net import bind_udp_tcp
 
 from ._codec import FRAME_OVERHEAD, MAX_TCP_FRAME, DecodeError, decode, encode, frame, unframe
-from ._keyring import SEAL_OVERHEAD, DecryptError, Keyring
-from ._messages import PushPull
-from ._swim import Send, StartPushPull, Swim
+from ._keyring import SEAL_OVERHEAD, DecryptError, Keyring, KeyringError
+from ._messages import KeyringOp, KeyringRequest, KeyringResponse, PushPull
+from ._swim import KeyringWork, Send, StartPushPull, Swim
 
-__all__ = ["DEFAULT_PORT", "GossipNode", "Transport", "UdpTcpTransport", "normalize_addr"]
+__all__ = [
+    "DEFAULT_PORT",
+    "KEYRING_WAIT",
+    "GossipNode",
+    "Transport",
+    "UdpTcpTransport",
+    "normalize_addr",
+]
 
 log = get_logger("hostmesh.gossip")
 
@@ -39,6 +47,8 @@ UDP_RECV = 65536
 PUSH_PULL_TIMEOUT = 10.0
 #: Largest frame read from a push-pull stream: a message plus frame and seal.
 MAX_STREAM_FRAME = MAX_TCP_FRAME + FRAME_OVERHEAD + SEAL_OVERHEAD
+#: Seconds a keyring operation waits for every member's answer.
+KEYRING_WAIT = 5.0
 #: Push-pulls running at once (each holds a TCP connection and a full state).
 MAX_PUSH_PULLS = 8
 
@@ -168,6 +178,7 @@ class GossipNode:
         keyring: Keyring | None = None,
         *,
         on_change: Callable[[], None] = lambda: None,
+        on_keyring_change: Callable[[Keyring], None] = lambda keyring: None,
         rng: random.Random | None = None,
     ) -> None:
         self.swim = swim
@@ -178,6 +189,9 @@ class GossipNode:
         self.dropped: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._push_pulls = trio.Semaphore(MAX_PUSH_PULLS)
+        self.on_keyring_change = on_keyring_change
+        self._keyring_answers: dict[int, dict[str, KeyringResponse]] = {}
+        self._keyring_event = trio.Event()
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -192,12 +206,61 @@ class GossipNode:
             self._drop("undecryptable" if isinstance(exc, DecryptError) else "malformed")
             return None
 
-    async def _execute(self, outputs: Iterable[Send | StartPushPull]) -> None:
+    async def _execute(self, outputs: Iterable[Send | StartPushPull | KeyringWork]) -> None:
         for out in outputs:
             if isinstance(out, Send):
                 await self.transport.send(out.addr, self._seal(out.payload))
+            elif isinstance(out, KeyringWork):
+                msg = out.message
+                if isinstance(msg, KeyringRequest):
+                    answer = self._apply_keyring(msg)
+                    await self.transport.send(msg.origin_addr, self._seal(encode(answer)))
+                elif msg.id in self._keyring_answers:
+                    self._keyring_answers[msg.id][msg.node] = msg
+                    self._keyring_event.set()
             elif self._nursery is not None:
                 self._nursery.start_soon(self.push_pull, out.addr, out.join)
+
+    # --- keyring rotation ------------------------------------------------------------
+
+    def _apply_keyring(self, request: KeyringRequest) -> KeyringResponse:
+        """Apply one keyring operation here; persisted through ``on_keyring_change``."""
+        ok, error = True, ""
+        try:
+            key = base64.b64decode(request.key, validate=True) if request.key else b""
+            if request.op is KeyringOp.INSTALL:
+                self.keyring.install(key)
+            elif request.op is KeyringOp.USE:
+                self.keyring.use(key)
+            elif request.op is KeyringOp.REMOVE:
+                self.keyring.remove(key)
+            if request.op is not KeyringOp.LIST:
+                self.on_keyring_change(self.keyring)
+        except (KeyringError, ValueError) as exc:
+            ok, error = False, str(exc)[:200]
+        return KeyringResponse(request.id, self.swim.name, ok, error,
+                               tuple(self.keyring.to_base64()))  # fmt: skip
+
+    async def keyring_operation(
+        self, op: KeyringOp, key: str, *, wait: float = KEYRING_WAIT
+    ) -> tuple[list[KeyringResponse], int]:
+        """Roll ``op`` across the cluster; returns the answers and the members expected.
+
+        Applied here at once, gossiped to every member, each of which applies it
+        and answers; returns when every live member answered or after ``wait``.
+        """
+        request = self.swim.keyring_request(op, key)
+        answers = {self.swim.name: self._apply_keyring(request)}
+        self._keyring_answers[request.id] = answers
+        expected = self.swim.num_live
+        try:
+            with trio.move_on_after(wait):
+                while len(answers) < expected:
+                    await self._keyring_event.wait()
+                    self._keyring_event = trio.Event()
+        finally:
+            del self._keyring_answers[request.id]
+        return list(answers.values()), expected
 
     # --- the loop ---------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ __all__ = [
     "Alive",
     "Dead",
     "IndirectPing",
+    "KeyringOp",
+    "KeyringRequest",
+    "KeyringResponse",
     "MemberState",
     "MemberStatus",
     "Message",
@@ -42,6 +45,8 @@ class MsgType(enum.IntEnum):
     RECORDS = 8
     PUSH_PULL = 9
     COMPOUND = 10
+    KEYRING_REQUEST = 11
+    KEYRING_RESPONSE = 12
 
 
 class MemberStatus(enum.IntEnum):
@@ -51,6 +56,15 @@ class MemberStatus(enum.IntEnum):
     SUSPECT = 1
     DEAD = 2
     LEFT = 3
+
+
+class KeyringOp(enum.IntEnum):
+    """Keyring operations rolled across the cluster. ONLY APPEND TO THIS LIST."""
+
+    LIST = 0
+    INSTALL = 1
+    USE = 2
+    REMOVE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,4 +156,32 @@ class PushPull:
     records: tuple[NodeRecord, ...] = ()
 
 
-Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | Records | PushPull
+@dataclass(frozen=True, slots=True)
+class KeyringRequest:
+    """Apply ``op`` with ``key`` (base64; "" for LIST) and answer ``origin_addr``.
+
+    Broadcast like membership news, so it reaches every member; ``id`` makes
+    each member apply it once.
+    """
+
+    id: int
+    op: KeyringOp
+    key: str
+    origin_addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyringResponse:
+    """One member's answer: its keys after the operation (base64, primary first)."""
+
+    id: int
+    node: str
+    ok: bool
+    error: str
+    keys: tuple[str, ...]
+
+
+Message = (
+    Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | Records | PushPull
+    | KeyringRequest | KeyringResponse
+)  # fmt: skip

@@ -54,6 +54,9 @@ from ._messages import (
     Alive,
     Dead,
     IndirectPing,
+    KeyringOp,
+    KeyringRequest,
+    KeyringResponse,
     MemberState,
     MemberStatus,
     Message,
@@ -67,7 +70,7 @@ from ._messages import (
 from ._model import NodeRecord
 from ._suspicion import Suspicion, expected_confirmations, suspicion_timeout_bounds
 
-__all__ = ["Member", "Send", "StartPushPull", "Swim"]
+__all__ = ["KeyringWork", "Member", "Send", "StartPushPull", "Swim"]
 
 #: Bytes of a UDP packet that are not messages: the frame (version, CRC) and,
 #: with a keyring, the seal (version, nonce, tag); reserved whether or not
@@ -86,6 +89,8 @@ _BROADCAST_TYPES = frozenset(
 #: decoded once (messages are immutable values; the memo is per process).
 DECODED_MEMO = 16384
 _decoded: dict[bytes, Message] = {}
+#: Keyring request ids remembered so that each is applied once.
+SEEN_KEYRING_REQUESTS = 1024
 #: Seconds between sweeps for members to forget.
 REAP_INTERVAL = 1.0
 #: Queued broadcasts kept at most (memberlist bounds its queue the same way).
@@ -108,7 +113,14 @@ class StartPushPull:
     join: bool = False
 
 
-Output = Send | StartPushPull
+@dataclass(frozen=True, slots=True)
+class KeyringWork:
+    """A keyring request or response for the adapter (which owns the keyring)."""
+
+    message: KeyringRequest | KeyringResponse
+
+
+Output = Send | StartPushPull | KeyringWork
 
 
 @dataclass
@@ -180,6 +192,7 @@ class Swim:
         self.stats: dict[str, int] = {}
         self._seq = self.rng.randrange(1 << 30)
         self._next_reap = now + REAP_INTERVAL
+        self._keyring_seen: dict[int, None] = {}
         self._live = 1  # members alive or suspect, ourselves included
         self._peers: list[str] = []  # every member but us, for random picks
         self._peers_dirty = True
@@ -246,6 +259,13 @@ class Swim:
         """Our own record has a new version: gossip it."""
         self._queue(f"r:{record.node.name}", Records((record,)))
 
+    def keyring_request(self, op: KeyringOp, key: str) -> KeyringRequest:
+        """Start a cluster-wide keyring operation; the adapter applies it here too."""
+        request = KeyringRequest(self._next_seq(), op, key, self.addr)
+        self._keyring_seen[request.id] = None
+        self._queue(f"k:{request.id}", request)
+        return request
+
     def leave(self, now: float) -> list[Output]:
         """Gracefully leave: tell up to ``gossip_nodes`` members at once and gossip it."""
         self.leaving = True
@@ -294,6 +314,16 @@ class Swim:
             if probe is not None and probe.seq == msg.seq:
                 probe.nacks += 1
             return []
+        if isinstance(msg, KeyringRequest):
+            if msg.id in self._keyring_seen:
+                return []
+            self._keyring_seen[msg.id] = None
+            if len(self._keyring_seen) > SEEN_KEYRING_REQUESTS:
+                del self._keyring_seen[next(iter(self._keyring_seen))]
+            self._queue(f"k:{msg.id}", msg)  # pass it on, like membership news
+            return [KeyringWork(msg)]
+        if isinstance(msg, KeyringResponse):
+            return [KeyringWork(msg)]
         if isinstance(msg, Suspect):
             self._on_suspect(msg, now)
         elif isinstance(msg, Alive):

@@ -26,6 +26,8 @@ __all__ = ["app", "main"]
 DEFAULT_AGENT = "127.0.0.1:4191"
 #: Seconds the CLI waits for the agent API.
 CLI_TIMEOUT = 10.0
+#: Seconds to wait for a keyring change: the agent waits up to 5 s for every member.
+KEYRING_TIMEOUT = 30.0
 
 app = typer.Typer(
     name="hostmesh",
@@ -36,6 +38,11 @@ app = typer.Typer(
 )
 check_app = typer.Typer(help="Set the status of a TTL check.", no_args_is_help=True)
 app.add_typer(check_app, name="check")
+keyring_app = typer.Typer(
+    help="Rotate the gossip encryption keys on every member: install, use, then remove.",
+    no_args_is_help=True,
+)
+app.add_typer(keyring_app, name="keyring")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -66,11 +73,13 @@ def _base_url(agent: str) -> str:
     return agent if agent.startswith(("http://", "https://")) else f"http://{agent}"
 
 
-def _call(agent: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+def _call(
+    agent: str, method: str, path: str, *, timeout: float = CLI_TIMEOUT, **kwargs: Any
+) -> httpx.Response:
     """One API call; non-2xx answers become a one-line error."""
     url = _base_url(agent) + path
     try:
-        with httpx.Client(timeout=CLI_TIMEOUT) as client:
+        with httpx.Client(timeout=timeout) as client:
             response = client.request(method, url, **kwargs)
     except httpx.HTTPError as exc:
         raise AgentUnreachableError(
@@ -312,6 +321,50 @@ def _check_command(verb: str) -> Callable[..., None]:
 
 for _verb in ("pass", "warn", "fail"):
     check_app.command(_verb)(_check_command(_verb))
+
+
+@keyring_app.command("list")
+def keyring_list(agent: AgentOpt = DEFAULT_AGENT, as_json: JsonOpt = False) -> None:
+    """The keys installed across the cluster and how many members hold each."""
+    (entry,) = _call(agent, "GET", "/v1/operator/keyring").json()
+    rows = [
+        {"key": k, "members": n, "primary": entry["PrimaryKeys"].get(k, 0)}
+        for k, n in sorted(entry["Keys"].items())
+    ]
+    if as_json:
+        print(json.dumps({"members": entry["NumNodes"], "keys": rows}, indent=2))
+        return
+    table = Table(title=f"{entry['NumResp']} of {entry['NumNodes']} member(s) answered",
+                  title_justify="left")  # fmt: skip
+    for col in ("KEY", "INSTALLED ON", "PRIMARY ON"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        table.add_row(r["key"], str(r["members"]), str(r["primary"]))
+    console.print(table)
+
+
+def _keyring_command(verb: str, method: str, doc: str) -> Callable[..., None]:
+    def command(
+        key: Annotated[str, typer.Argument(help="A base64 AES-256 key.")],
+        agent: AgentOpt = DEFAULT_AGENT,
+    ) -> None:
+        _call(agent, method, "/v1/operator/keyring", json={"Key": key},
+              timeout=KEYRING_TIMEOUT)  # fmt: skip
+        console.print(f"{verb}: done on every member", highlight=False)
+
+    command.__doc__ = doc
+    return command
+
+
+keyring_app.command("install")(
+    _keyring_command("install", "POST", "Install a key on every member (step 1).")
+)
+keyring_app.command("use")(
+    _keyring_command("use", "PUT", "Make an installed key the primary everywhere (step 2).")
+)
+keyring_app.command("remove")(
+    _keyring_command("remove", "DELETE", "Remove an old key from every member (step 3).")
+)
 
 
 def main() -> None:

@@ -76,3 +76,42 @@ async def test_agents_share_services_and_see_a_leave(tmp_path: Path) -> None:
             }
             assert members["node-b"] == "left"
         nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=60)
+async def test_keyring_rotation_through_the_api_reaches_both_agents(tmp_path: Path) -> None:
+    import base64
+    import json
+
+    old = base64.b64encode(bytes(range(32))).decode()
+    new = base64.b64encode(bytes(range(1, 33))).decode()
+    keyed = replace(FAST, keyring=(old,))
+    a = Agent(agent_config(tmp_path / "a", gossip=keyed))
+    async with trio.open_nursery() as nursery:
+        addrs_a = await nursery.start(functools.partial(a.run, handle_signals=False))
+        gossip_b = replace(keyed, seeds=(addrs_a.gossip,))
+        b = Agent(replace(agent_config(tmp_path / "b", gossip=gossip_b), node_name="node-b"))
+        await nursery.start(functools.partial(b.run, handle_signals=False))
+        async with httpx.AsyncClient(base_url=addrs_a.api_url, timeout=20) as http:
+
+            async def both_members() -> bool:
+                return len((await http.get("/v1/agent/members")).json()) == 2
+
+            await until(both_members)
+            for method in ("POST", "PUT"):
+                r = await http.request(method, "/v1/operator/keyring", json={"Key": new})
+                assert r.status_code == 200, r.text
+            (listing,) = (await http.get("/v1/operator/keyring")).json()
+            assert listing["Keys"] == {old: 2, new: 2} and listing["PrimaryKeys"] == {new: 2}
+            r = await http.request("DELETE", "/v1/operator/keyring", json={"Key": old})
+            assert r.status_code == 200, r.text
+            # Both agents persisted the rotated keyring for their next start.
+            for agent in (a, b):
+                assert json.loads(agent.keyring_path.read_text()) == [new]
+            # Removing the primary fails on every member, with the reason.
+            r = await http.request("DELETE", "/v1/operator/keyring", json={"Key": new})
+            assert r.status_code == 500 and "primary" in r.text
+            r = await http.post("/v1/operator/keyring", json={"Key": "not base64!"})
+            assert r.status_code == 500 and "2 member(s) failed" in r.text
+            assert len((await http.get("/v1/agent/members")).json()) == 2
+        nursery.cancel_scope.cancel()

@@ -215,3 +215,46 @@ def test_a_leaving_member_has_no_timers_left() -> None:
     swim.leave(1.0)
     assert swim.next_deadline() == math.inf
     assert swim.tick(100.0) == []
+
+
+@trio_test(timeout=300, mock_clock=True)
+async def test_a_key_rotation_rolls_across_every_member_without_a_split() -> None:
+    import base64
+
+    from hostmesh.catalog._messages import KeyringOp
+
+    old, new = bytes(range(32)), bytes(range(1, 33))
+    b64 = base64.b64encode(new).decode()
+    net = SimNetwork(latency=0.002, seed=9)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = []
+        for i in range(5):
+            m = await start_member(nursery, net, i, LAN, [members[0].addr] if members else [])
+            m.node.keyring = Keyring([old])
+            members.append(m)
+        await wait_for(lambda: converged(members, 5), 30)
+        saved: list[int] = []
+        for m in members:
+            m.node.on_keyring_change = lambda keyring: saved.append(len(keyring.keys))
+
+        answers, expected = await members[2].node.keyring_operation(KeyringOp.INSTALL, b64)
+        assert expected == 5 and len(answers) == 5 and all(a.ok for a in answers)
+        assert all(m.node.keyring.keys == (old, new) for m in members)
+        answers, _ = await members[0].node.keyring_operation(KeyringOp.USE, b64)
+        assert all(a.ok and a.keys[0] == b64 for a in answers)
+        assert all(m.node.keyring.primary == new for m in members)
+        # Still one cluster while both keys are installed.
+        await trio.sleep(5)
+        assert converged(members, 5)
+        old_b64 = base64.b64encode(old).decode()
+        answers, _ = await members[4].node.keyring_operation(KeyringOp.REMOVE, old_b64)
+        assert all(m.node.keyring.keys == (new,) for m in members)
+        assert len(saved) == 15  # every member persisted each of the 3 changes
+        await trio.sleep(10)
+        assert converged(members, 5)
+        assert not any(m.swim.stats.get("status_dead") for m in members)
+        # Removing the primary is refused by every member, with the reason.
+        answers, _ = await members[1].node.keyring_operation(KeyringOp.REMOVE, b64)
+        assert not any(a.ok for a in answers) and "primary" in answers[0].error
+        nursery.cancel_scope.cancel()
