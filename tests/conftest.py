@@ -13,13 +13,13 @@ import trio
 import trio.testing
 from hypothesis import settings
 
+from hostmesh import AgentConfig, ApiConfig, DnsConfig, GossipConfig
+from hostmesh.agent import Agent, AgentAddresses
+
 # Wall-clock deadlines per example make property tests fail on a busy 2-core CI
 # machine without finding anything; the example counts stay as each test sets them.
 settings.register_profile("hostmesh", deadline=None)
 settings.load_profile("hostmesh")
-
-from hostmesh import AgentConfig, ApiConfig, DnsConfig, GossipConfig
-from hostmesh.agent import Agent, AgentAddresses
 
 P = ParamSpec("P")
 
