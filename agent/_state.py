@@ -16,7 +16,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hostmesh._config import ServiceDefinition
@@ -94,15 +94,7 @@ class LocalState:
         self._checks: dict[str, CheckState] = {}
         self._removed: dict[str, float] = {}
         self.record = NodeRecord(
-            node=Node(
-                name=node.name,
-                address=node.address,
-                az=node.az,
-                region=node.region,
-                datacenter=node.datacenter,
-                meta=node.meta,
-                id=node_id,
-            ),
+            node=replace(node, id=node_id),
             generation=generation,
             version=1,
             stamp=wall_clock(),

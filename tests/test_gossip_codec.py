@@ -62,6 +62,9 @@ from hostmesh.catalog._messages import (
     Alive,
     Dead,
     IndirectPing,
+    KeyringOp,
+    KeyringRequest,
+    KeyringResponse,
     MemberState,
     MemberStatus,
     Message,
@@ -151,6 +154,12 @@ BY_TYPE: dict[MsgType, st.SearchStrategy[Message]] = {
         st.lists(MEMBERS, max_size=3).map(tuple),
         st.dictionaries(TEXT, st.tuples(UINT, UINT), max_size=3),
         st.lists(RECORDS, max_size=2).map(tuple),
+    ),
+    MsgType.KEYRING_REQUEST: st.builds(
+        KeyringRequest, UINT, st.sampled_from(KeyringOp), TEXT, TEXT
+    ),  # fmt: skip
+    MsgType.KEYRING_RESPONSE: st.builds(
+        KeyringResponse, UINT, TEXT, st.booleans(), TEXT, st.lists(TEXT, max_size=3).map(tuple)
     ),
 }
 MESSAGES = st.one_of(*BY_TYPE.values())
