@@ -157,7 +157,7 @@ BY_TYPE: dict[MsgType, st.SearchStrategy[Message]] = {
     ),
     MsgType.KEYRING_REQUEST: st.builds(
         KeyringRequest, UINT, st.sampled_from(KeyringOp), TEXT, TEXT
-    ),  # fmt: skip
+    ),
     MsgType.KEYRING_RESPONSE: st.builds(
         KeyringResponse, UINT, TEXT, st.booleans(), TEXT, st.lists(TEXT, max_size=3).map(tuple)
     ),
