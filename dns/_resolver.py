@@ -92,32 +92,62 @@ class Forward:
 
 
 class DnsStats:
-    """Counters the adapter exports as metrics; plain ints on the hot path."""
+    """Counters the adapter exports as metrics.
+
+    Cache hits are counted on the cache entries themselves (one attribute add
+    on the hot path) and folded in here when a cache is dropped; ``hits`` and
+    ``answers`` add up both.
+    """
 
     def __init__(self) -> None:
-        self.hits = 0
         self.misses = 0
         self.dropped: dict[str, int] = {}
-        self.answers: dict[tuple[str, ...], int] = {}
+        self._hits = 0
+        self._answers: dict[tuple[str, ...], int] = {}
+        self._live: list[dict[bytes, _Entry]] = []
+
+    @property
+    def hits(self) -> int:
+        return self._hits + sum(e.hits for cache in self._live for e in cache.values())
+
+    @property
+    def answers(self) -> dict[tuple[str, ...], int]:
+        """Answers by (qtype, rcode), cached ones included."""
+        out = dict(self._answers)
+        for cache in self._live:
+            for entry in cache.values():
+                if entry.hits:
+                    out[entry.key] = out.get(entry.key, 0) + entry.hits
+        return out
 
     def count(self, qtype: int, rcode: int) -> None:
         key = (
             qtype_name(qtype),
             Rcode(rcode).name if rcode in Rcode._value2member_map_ else "other",
         )
-        self.answers[key] = self.answers.get(key, 0) + 1
+        self._answers[key] = self._answers.get(key, 0) + 1
+
+    def fold(self, cache: dict[bytes, _Entry]) -> None:
+        """Keep the counts of a cache about to be cleared."""
+        for entry in cache.values():
+            if entry.hits:
+                self._hits += entry.hits
+                self._answers[entry.key] = self._answers.get(entry.key, 0) + entry.hits
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
 class _Entry:
-    __slots__ = ("key", "n", "variants")
+    __slots__ = ("first", "hits", "key", "n", "turn", "variants")
 
     def __init__(self, variants: list[bytes], key: tuple[str, ...]) -> None:
         self.variants = variants
+        self.first = variants[0]
         self.n = len(variants)
         self.key = key
+        self.hits = 0  # answers served from this entry
+        self.turn = 0  # which shuffled variant comes next
 
 
 @dataclass(slots=True)
@@ -174,7 +204,7 @@ class DnsCore:
         self._cache: dict[bytes, _Entry] = {}
         self._tcp_cache: dict[bytes, _Entry] = {}
         self._index = -1
-        self._turn = 0
+        self.stats._live = [self._cache, self._tcp_cache]
         self._ttl_prefixes = sorted(
             ((k.rstrip("*").lower(), v) for k, v in config.service_ttl.items()),
             key=lambda kv: len(kv[0]),
@@ -185,22 +215,45 @@ class DnsCore:
 
     def handle(self, data: bytes, *, tcp: bool = False) -> bytes | Forward | None:
         """Answer one query: reply bytes, a :class:`Forward`, or None (drop)."""
+        if not tcp:
+            return self.handle_udp(data)
         if self._index != self.catalog.index:
-            self._cache.clear()
-            self._tcp_cache.clear()
-            self._index = self.catalog.index
-        cache = self._tcp_cache if tcp else self._cache
+            self._reset_caches()
         key = data[2:]
-        entry = cache.get(key)
-        if entry is not None:
-            self.stats.hits += 1
-            answers = self.stats.answers
-            answers[entry.key] = answers.get(entry.key, 0) + 1
-            if entry.n == 1:
-                return data[:2] + entry.variants[0]
-            self._turn += 1
-            return data[:2] + entry.variants[self._turn % entry.n]
-        return self._miss(data, key, cache, tcp)
+        entry = self._tcp_cache.get(key)
+        if entry is None:
+            return self._miss(data, key, self._tcp_cache, True)
+        return data[:2] + _serve(entry)
+
+    @property
+    def udp_cache(self) -> dict[bytes, _Entry]:
+        """The UDP answer cache (for the adapter's inlined hit path; cleared in place)."""
+        return self._cache
+
+    @property
+    def cache_index(self) -> int:
+        """The catalog index the caches were filled at."""
+        return self._index
+
+    def handle_udp(self, data: bytes) -> bytes | Forward | None:
+        """:meth:`handle` for UDP, the hot path: a dict lookup and an ID patch on a hit."""
+        if self._index != self.catalog.index:
+            self._reset_caches()
+        key = data[2:]
+        entry = self._cache.get(key)
+        if entry is None:
+            return self._miss(data, key, self._cache, False)
+        entry.hits += 1
+        if entry.n == 1:
+            return data[:2] + entry.first
+        entry.turn = turn = (entry.turn + 1) % entry.n
+        return data[:2] + entry.variants[turn]
+
+    def _reset_caches(self) -> None:
+        for cache in (self._cache, self._tcp_cache):
+            self.stats.fold(cache)
+            cache.clear()
+        self._index = self.catalog.index
 
     def _miss(
         self, data: bytes, key: bytes, cache: dict[bytes, _Entry], tcp: bool
@@ -226,10 +279,11 @@ class DnsCore:
         variants = self._encode(query, answer, limit)
         entry = _Entry(variants, (qtype_name(query.qtype), answer.rcode.name))
         if len(cache) >= self.config.cache_size:
+            self.stats.fold(cache)
             cache.clear()
         cache[key] = entry
-        self.stats.answers[entry.key] = self.stats.answers.get(entry.key, 0) + 1
-        return data[:2] + variants[0]
+        self.stats._answers[entry.key] = self.stats._answers.get(entry.key, 0) + 1
+        return data[:2] + entry.first
 
     def reply(self, query: Query, rcode: Rcode) -> bytes:
         """An empty reply with ``rcode`` (the adapter's SERVFAIL for recursion)."""
@@ -560,3 +614,12 @@ def _decode_addr(label: str) -> str | None:
     except ValueError:
         return None
     return str(ipaddress.ip_address(raw))
+
+
+def _serve(entry: _Entry) -> bytes:
+    """The entry's next encoding (without the ID), counted as a hit."""
+    entry.hits += 1
+    if entry.n == 1:
+        return entry.first
+    entry.turn = turn = (entry.turn + 1) % entry.n
+    return entry.variants[turn]
