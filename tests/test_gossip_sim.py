@@ -258,3 +258,26 @@ async def test_a_key_rotation_rolls_across_every_member_without_a_split() -> Non
         answers, _ = await members[1].node.keyring_operation(KeyringOp.REMOVE, b64)
         assert not any(a.ok for a in answers) and "primary" in answers[0].error
         nursery.cancel_scope.cancel()
+
+
+def test_a_dead_name_is_reclaimed_at_a_new_address_only_after_the_reclaim_time() -> None:
+    from hostmesh.catalog import Catalog
+    from hostmesh.catalog._codec import encode
+    from hostmesh.catalog._messages import Alive, Dead
+    from hostmesh.catalog._swim import Swim
+
+    swim = Swim(
+        GossipConfig(dead_node_reclaim_time=30.0), "n0", "10.0.0.1:7946", Catalog(), now=0.0
+    )
+    swim.receive(encode(Alive(0, "n1", "10.0.0.2:7946")), "10.0.0.2:7946", 1.0)
+    swim.receive(encode(Dead(0, "n1", "n0")), "10.0.0.3:7946", 2.0)
+    assert swim.members["n1"].status is MemberStatus.DEAD
+    # Another host claims the name too soon: refused, counted.
+    swim.receive(encode(Alive(1, "n1", "10.0.0.9:7946")), "10.0.0.9:7946", 10.0)
+    assert swim.members["n1"].addr == "10.0.0.2:7946"
+    assert swim.members["n1"].status is MemberStatus.DEAD
+    assert swim.stats["dropped_address_conflict"] == 1
+    # After the reclaim time the name may move.
+    swim.receive(encode(Alive(1, "n1", "10.0.0.9:7946")), "10.0.0.9:7946", 40.0)
+    assert swim.members["n1"].addr == "10.0.0.9:7946"
+    assert swim.members["n1"].status is MemberStatus.ALIVE
