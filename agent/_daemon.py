@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,11 +39,17 @@ from hostmesh.catalog._swim import Swim
 from hostmesh.dns import DnsCore, Recursor, recursor_addresses, serve_dns
 
 from ._checks import CheckRunner
+from ._proxy import Proxy
+from ._routing import Router, build_snapshot
 from ._state import SOURCE_API, LocalState, Registration, atomic_write
+from ._tcpproxy import serve_tcp_upstream
 
 __all__ = ["Agent", "AgentAddresses"]
 
 log = get_logger("hostmesh.agent")
+
+#: s between routing snapshot rebuilds; a burst of gossip changes is one rebuild.
+ROUTE_REFRESH_MIN_INTERVAL = 0.05
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class AgentAddresses:
     api: tuple[str, int]
     dns: tuple[str, int]
     gossip: str  # host:port, UDP and TCP
+    proxy: tuple[str, int] = ("", 0)  # outbound HTTP proxy
+    upstreams: tuple[tuple[str, int], ...] = ()  # TCP upstream listeners, in config order
 
     @property
     def api_url(self) -> str:
@@ -102,6 +111,9 @@ class Agent:
         )
         self.gossip: GossipNode | None = None
         self.dns = self._make_dns()
+        self.router = Router(self.metrics)
+        self.proxy = Proxy(config.proxy, self.router, domain=config.dns.domain)
+        self._register_proxy_metrics()
         self.keyring = self._load_keyring()
         self._m_check_changes = self.metrics.counter(
             "hostmesh_check_status_changes_total", "Check status changes by new status", ("status",)
@@ -130,6 +142,47 @@ class Agent:
                 f"Local checks currently {status.value}",
                 functools.partial(self._count_checks, status),
             )
+
+    def _register_proxy_metrics(self) -> None:
+        stats = self.proxy.stats
+        self.metrics.gauge_func(
+            "hostmesh_proxy_open_connections", "Client connections open on the proxy",
+            lambda: stats.open_connections)  # fmt: skip
+        self.metrics.gauge_func(
+            "hostmesh_proxy_upstream_connections", "Connections open to instances (pooled, busy "
+            "and tunnels)", lambda: stats.upstream_connections)  # fmt: skip
+        self.metrics.counter_func(
+            "hostmesh_proxy_refused_total",
+            "Requests the proxy answered with its own error, by reason", ("reason",),
+            lambda: {(k,): v for k, v in stats.refused.items()})  # fmt: skip
+        self.metrics.gauge_func(
+            "hostmesh_proxy_connections_refused", "Client connections refused over max_connections",
+            lambda: stats.connections_refused)  # fmt: skip
+        self.metrics.counter_func(
+            "hostmesh_tcp_upstream_events_total",
+            "TCP upstream connections, connect failures and refusals, by service", ("service",
+            "event"), lambda: {(svc, k): v for svc, c in self.router.tcp.items()
+                               for k, v in c.items()})  # fmt: skip
+
+    def refresh_routes(self) -> None:
+        """Rebuild the routing snapshot from the catalog and the traffic config."""
+        self.router.update(
+            build_snapshot(
+                self.catalog,
+                self.config.traffic,
+                self.config.az,
+                version=self.catalog.index,
+                only_passing=self.config.dns.only_passing,
+            )
+        )
+
+    async def _route_updates(self) -> None:
+        """Keep the routing snapshot in step with the catalog (at most every 50 ms)."""
+        while True:
+            if self.router.snapshot.version != self.catalog.index:
+                self.refresh_routes()
+            await self._changed.wait()
+            await trio.sleep(ROUTE_REFRESH_MIN_INTERVAL)
 
     @property
     def keyring_path(self) -> Path:
@@ -424,11 +477,27 @@ class Agent:
                     max_tcp_connections=self.config.dns.max_tcp_connections,
                 )
             )  # fmt: skip
+            self.refresh_routes()
+            nursery.start_soon(self._route_updates)
+            proxy_addr = await nursery.start(self.proxy.serve, _listen(self.config.proxy.bind))
+            upstream_addrs = []
+            for up in self.config.upstream:
+                upstream_addrs.append(
+                    await nursery.start(
+                        functools.partial(
+                            serve_tcp_upstream, _listen(up.bind), up, self.router,
+                            connect_timeout=self.config.proxy.connect_timeout,
+                        )
+                    )
+                )  # fmt: skip
             nursery.start_soon(self._reap_critical)
             if handle_signals:
                 await nursery.start(self._reload_on_sighup)
             gossip_addr = await self._start_gossip(nursery)
-            self.addresses = AgentAddresses(api=api_addr, dns=dns_addr, gossip=gossip_addr)
+            self.addresses = AgentAddresses(
+                api=api_addr, dns=dns_addr, gossip=gossip_addr, proxy=proxy_addr,
+                upstreams=tuple(upstream_addrs),
+            )  # fmt: skip
             self.ready = True
             log.info(
                 "agent started",
@@ -437,10 +506,25 @@ class Agent:
                 generation=self.state.record.generation,
                 api=f"{api_addr[0]}:{api_addr[1]}",
                 dns=f"{dns_addr[0]}:{dns_addr[1]}",
+                proxy=f"{proxy_addr[0]}:{proxy_addr[1]}",
                 gossip=gossip_addr,
                 services=len(self.state.registrations),
             )
             task_status.started(self.addresses)
+
+
+def _listen(bind: str) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0 = any free port)."""
+    host, port = parse_hostport(bind)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def jittered_wait(wait: float, rand: float) -> float:

@@ -33,8 +33,10 @@ __all__ = [
     "DnsConfig",
     "FieldError",
     "GossipConfig",
+    "ProxyConfig",
     "ServerConfig",
     "ServiceDefinition",
+    "UpstreamConfig",
     "from_mapping",
     "load_agent_config",
     "load_server_config",
@@ -450,6 +452,56 @@ class GossipConfig:
         return cls(profile=profile, **{**GOSSIP_PROFILES[profile], **overrides})  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The outbound HTTP proxy (Linkerd 1's port 4140)."""
+
+    bind: str = "127.0.0.1:4140"  # host:port; loopback: only this host's programs use it
+    max_connections: int = 10_000  # concurrent client connections; more get 503 and are closed
+    header_timeout: float = 10 * SECONDS  # s to receive a request head once it started (408)
+    idle_timeout: float = 60 * SECONDS  # s a keep-alive client connection may sit idle; also
+    # the longest pause inside a streamed body before it is cut
+    connect_timeout: float = 1 * SECONDS  # s per connect attempt; a LAN connect takes < 1 ms
+    pool_max_idle: int = 64  # idle keep-alive connections kept per instance
+    pool_max_per_instance: int = 1024  # open connections per instance (idle + busy)
+    # s an idle upstream connection is kept; below common server keep-alive
+    # timeouts (nginx 75 s, Go 90 s) so the server rarely closes one under us
+    pool_idle_timeout: float = 30 * SECONDS
+
+    def __post_init__(self) -> None:
+        try:
+            parse_hostport(self.bind)
+        except ValueError as exc:
+            raise FieldError("bind", str(exc)) from None
+        for name in ("max_connections", "pool_max_per_instance"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, "must be at least 1")
+        if self.pool_max_idle < 0:
+            raise FieldError("pool_max_idle", "must be >= 0")
+        for name in ("header_timeout", "idle_timeout", "connect_timeout", "pool_idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise FieldError(name, "must be > 0")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """A local TCP listener for a service (``[[upstream]]``): each connection
+    goes to an instance picked by the proxy's balancer."""
+
+    service: str  # the service name in the catalog
+    bind: str  # host:port of the local listener, e.g. "127.0.0.1:15432"
+    connect_attempts: int = 3  # instances tried before the client connection is closed
+
+    def __post_init__(self) -> None:
+        _check_name(self.service, "service")
+        try:
+            parse_hostport(self.bind)
+        except ValueError as exc:
+            raise FieldError("bind", str(exc)) from None
+        if not 1 <= self.connect_attempts <= 10:
+            raise FieldError("connect_attempts", "must be in 1..10")
+
+
 def _default_node_name() -> str:
     import socket  # here, so that sans-IO modules may import this one
 
@@ -472,6 +524,11 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    # per-service routes, splits, retries, limits and ejection ([traffic.<service>]);
+    # the servers push the same structure
+    traffic: Mapping[str, TrafficPolicy] = field(default_factory=dict)
+    upstream: tuple[UpstreamConfig, ...] = ()  # [[upstream]] TCP listeners
     # s a deleted instance's or left node's tombstone is kept before GC; must
     # exceed the time an update needs to reach every node (seconds at 1,000 nodes)
     tombstone_ttl: float = 24 * HOURS
@@ -490,6 +547,14 @@ class AgentConfig:
                 raise FieldError("servers", str(exc)) from None
         if self.tombstone_ttl <= 0:
             raise FieldError("tombstone_ttl", "must be > 0")
+        for name in self.traffic:
+            try:
+                _check_name(name, "service")
+            except FieldError as exc:
+                raise FieldError(f"traffic.{name}", exc.reason) from None
+        binds = [u.bind for u in self.upstream]
+        if len(set(binds)) != len(binds):
+            raise FieldError("upstream", "two upstreams bind the same address")
 
     @classmethod
     def dev(cls, data_dir: str, services_dir: str = "") -> AgentConfig:
@@ -693,3 +758,7 @@ def load_service_file(path: str | Path) -> list[ServiceDefinition]:
                 raise ConfigError(str(path), exc.key, exc.reason) from None
         return out
     return [from_mapping(ServiceDefinition, data, source=str(path))]
+
+
+# At the end: the route config needs FieldError and SECONDS from this module.
+from ._routes import TrafficPolicy  # noqa: E402

@@ -26,6 +26,7 @@ from ._config import (
     ApiConfig,
     DnsConfig,
     GossipConfig,
+    ProxyConfig,
     ServerConfig,
     parse_hostport,
 )
@@ -76,6 +77,7 @@ async def run_dev(
     server_bind: str = "127.0.0.1:4150",
     dns_bind: str = "127.0.0.1:8600",
     gossip_bind: str = "127.0.0.1:7946",
+    proxy_bind: str = "127.0.0.1:4140",
     nodes: int = 1,
     azs: int = 1,
     out: Console | None = None,
@@ -112,6 +114,7 @@ async def run_dev(
                     node_name=name if nodes == 1 else f"{name}-{i}", address=host,
                     az=f"dev-1{chr(ord('a') + (i - 1) % azs)}",
                     api=ApiConfig(bind=on(api_bind)), dns=DnsConfig(bind=on(dns_bind)),
+                    proxy=ProxyConfig(bind=on(proxy_bind)),
                     gossip=GossipConfig.for_profile("local", bind=on(gossip_bind), seeds=seeds),
                     servers=(server_bind,),
                 )  # fmt: skip
@@ -132,6 +135,7 @@ def _print_dev(
     cfg, addrs = configs[0], started[0]
     api = f"{addrs.api[0]}:{addrs.api[1]}"
     dns = addrs.dns
+    proxy = f"{addrs.proxy[0]}:{addrs.proxy[1]}"
     agent_flag = "" if api == "127.0.0.1:4191" else f" --agent {api}"
     # The suggested commands must work as printed, venv activated or not.
     cli = (
@@ -142,11 +146,12 @@ def _print_dev(
             f"  node        {cfg.node_name} (AZ {cfg.az}, region {cfg.region})\n"
             f"  agent API   http://{api}  (Consul-compatible; /metrics, /ready)\n"
             f"  DNS         {dns[0]}:{dns[1]} UDP and TCP  (domain {cfg.dns.domain})\n"
+            f"  proxy       http://{proxy}  (Host: <service> or http_proxy)\n"
         )
     else:
         where = "".join(
             f"  {c.node_name:<14} AZ {c.az}  API http://{a.api[0]}:{a.api[1]}  "
-            f"DNS {a.dns[0]}:{a.dns[1]}  gossip {a.gossip}\n"
+            f"DNS {a.dns[0]}:{a.dns[1]}  proxy {a.proxy[0]}:{a.proxy[1]}  gossip {a.gossip}\n"
             for c, a in zip(configs, started, strict=True)
         )
     out.print(
@@ -154,13 +159,13 @@ def _print_dev(
         + where
         + f"  server API  http://{server_addr[0]}:{server_addr[1]}  (KV: /v1/kv/)\n"
         f"  data        {tmp}  (removed on exit)\n"
-        "  the proxy on :4140 is not part of this build yet\n"
         "\nTry:\n"
         f"  curl -X PUT http://{api}/v1/agent/service/register "
         """-d '{"Name": "web", "Port": 8080, "Check": {"TTL": "30s"}}'\n"""
         f"  {cli} check pass service:web{agent_flag}\n"
         f"  {cli} services{agent_flag}\n"
         f"  dig @{dns[0]} -p {dns[1]} web.svc.{cfg.dns.domain} +short\n"
+        f"  curl -si -H 'Host: web' http://{proxy}/\n"
         + (f"  {cli} members{agent_flag}\n" if len(configs) > 1 else "")
         + "\nCtrl-C stops.",
         highlight=False,

@@ -176,6 +176,9 @@ def dev(
     gossip: Annotated[str, typer.Option(help="Gossip address, UDP and TCP (port 0: any).")] = (
         "127.0.0.1:7946"
     ),
+    proxy: Annotated[str, typer.Option(help="HTTP proxy address (port 0: any).")] = (
+        "127.0.0.1:4140"
+    ),
     nodes: Annotated[int, typer.Option(help="Agents to run, on 127.0.0.1..127.0.0.N.")] = 1,
     azs: Annotated[int, typer.Option(help="Availability zones to spread them over.")] = 1,
 ) -> None:
@@ -189,6 +192,7 @@ def dev(
             server_bind=server_api,
             dns_bind=dns,
             gossip_bind=gossip,
+            proxy_bind=proxy,
             nodes=nodes,
             azs=azs,
             out=console,

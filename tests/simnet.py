@@ -29,6 +29,7 @@ class SimNetwork:
         self.groups: dict[str, int] = {}  # addr -> partition group; absent = group 0
         self.killed: set[str] = set()
         self.sent = 0
+        self.bytes_sent = 0  # payload bytes posted (bench: bytes per second per node)
         self.delivered = 0
         self._heap: list[tuple[float, int, str, bytes, str]] = []
         self._seq = 0
@@ -56,6 +57,7 @@ class SimNetwork:
 
     def post(self, src: str, dst: str, data: bytes) -> None:
         self.sent += 1
+        self.bytes_sent += len(data)
         if not self.reachable(src, dst) or self.rng.random() < self.loss:
             return
         self._seq += 1

@@ -196,7 +196,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [HOSTMESH, "dev", "--api", "127.0.0.1:0", "--server-api", "127.0.0.1:0",
-         "--dns", "127.0.0.1:0", "--gossip", "127.0.0.1:0"],
+         "--dns", "127.0.0.1:0", "--gossip", "127.0.0.1:0", "--proxy", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, cwd=tmp_path,
     )  # fmt: skip
     try:
@@ -213,7 +213,7 @@ def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None
             for line in tried
             if line.strip().startswith(("curl ", "hostmesh ", HOSTMESH, "dig "))
         ]
-        assert len(commands) == 4
+        assert len(commands) == 5
         for command in commands:
             done = subprocess.run(
                 command, shell=True, capture_output=True, text=True, timeout=60, cwd=tmp_path,
@@ -222,6 +222,10 @@ def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None
             assert done.returncode == 0, (command, done.stderr)
             if command.startswith("dig "):
                 assert done.stdout.split() == ["127.0.0.1"]  # the registered web instance
+            if "Host: web" in command:  # through the proxy to web's port 8080
+                assert done.stdout.startswith("HTTP/1.1 "), done.stdout
+                listening = "hostmesh-error: connect-failed" not in done.stdout
+                assert listening or " 502 " in done.stdout.splitlines()[0]
         rows = json.loads(run("services", "--json", "--agent", api.group(1)).stdout)
         assert [(r["service"], r["health"], r["az"]) for r in rows] == [
             ("web", "passing", "dev-1a")
@@ -236,13 +240,14 @@ def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None
 def test_dev_with_several_nodes_runs_a_multi_az_mesh_over_loopback(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [HOSTMESH, "dev", "--nodes", "3", "--azs", "2", "--api", "127.0.0.1:0",
-         "--server-api", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--gossip", "127.0.0.1:0"],
+         "--server-api", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--gossip", "127.0.0.1:0",
+         "--proxy", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, cwd=tmp_path,
     )  # fmt: skip
     try:
         _, lines = read_until(proc, "stdout", r"Ctrl-C stops")
         rows = [
-            re.search(r"AZ (\S+)\s+API http://(\S+)\s+DNS (\S+)\s+gossip", line) for line in lines
+            re.search(r"AZ (\S+)\s+API http://(\S+)\s+DNS (\S+)\s+proxy", line) for line in lines
         ]
         agents = [(m.group(1), m.group(2), m.group(3)) for m in rows if m]
         assert [az for az, _, _ in agents] == ["dev-1a", "dev-1b", "dev-1a"]

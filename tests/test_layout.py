@@ -36,6 +36,11 @@ SANS_IO_MODULES = (
     "hostmesh.dns._wire",
     "hostmesh.dns._resolver",
     "hostmesh.dns._recursors",
+    "hostmesh._routes",
+    "hostmesh.agent._http1",
+    "hostmesh.agent._zone",
+    "hostmesh.agent._balancer",
+    "hostmesh.agent._resilience",
 )
 
 # Top-level modules a sans-IO module may not import, directly or through a sibling.

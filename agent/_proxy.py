@@ -1,0 +1,648 @@
+"""The outbound HTTP/1.1 proxy on 127.0.0.1:4140.
+
+A program on the host sends ``GET /path`` with ``Host: udvr`` (or
+``udvr.svc.mesh``, or an absolute URI through ``http_proxy``); the proxy picks
+an instance of ``udvr`` through the :class:`~hostmesh.agent._routing.Router`
+(routes, splits, zone-aware balancing, ejection, limits), forwards the
+request over a pooled keep-alive connection, and streams the response back.
+
+Heads are validated by :mod:`._http1` and forwarded as the original lines
+minus hop-by-hop fields plus ``X-Forwarded-For`` and ``traceparent``; bodies
+stream in both directions. Retries happen only before anything of the
+response has reached the client, for requests whose body is held whole in a
+small replay buffer. Every refusal answers with a status, a
+``hostmesh-error`` header naming the reason, and a one-line body.
+
+Error statuses: 400/414/431 malformed request, 408 slow client, 404 no route
+matched, 417 unsupported Expect, 429 rate limited, 502 unknown service,
+connect failure or bad upstream response, 503 no healthy instance or
+overloaded, 504 timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from hostmesh._config import ProxyConfig
+from hostmesh._log import get_logger
+
+from ._http1 import (
+    HOP_BY_HOP,
+    MAX_HEAD_BYTES,
+    MAX_REQUEST_LINE,
+    ChunkedScanner,
+    Head,
+    HttpError,
+    body_framing,
+    parse_request_head,
+    parse_response_head,
+    response_framing,
+)
+from ._pool import CHECKPOINT_EVERY, ConnectError, Pool, Stream
+from ._resilience import REPLAY_BUFFER, may_retry
+from ._routing import Endpoint, Router, RouteState
+
+__all__ = ["Proxy", "ProxyStats", "error_response"]
+
+_log = get_logger(__name__)
+
+_PHRASES = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+#: Mesh headers (the mTLS hop's source identity and destination); a local
+#: client may never set them.
+_MESH_PREFIX = b"hostmesh-"
+
+
+def error_response(status: int, reason: str, detail: str, *, close: bool) -> bytes:
+    """A complete small response naming the reason in ``hostmesh-error``."""
+    body = f"hostmesh: {detail}\n".encode()
+    head = [
+        b"HTTP/1.1 %d %s" % (status, _PHRASES.get(status, b"Error")),
+        b"content-type: text/plain; charset=utf-8",
+        b"content-length: %d" % len(body),
+        b"hostmesh-error: " + reason.encode(),
+    ]
+    if close:
+        head.append(b"connection: close")
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+@dataclass
+class ProxyStats:
+    """Counters of the proxy's own decisions (rendered by the agent's /metrics)."""
+
+    refused: dict[str, int]  # reason -> client requests answered with an error
+    open_connections: int = 0
+    upstream_connections: int = 0
+    connections_refused: int = 0  # over max_connections
+
+
+class _Attempt(Exception):
+    """One try failed before anything reached the client; maybe retry."""
+
+    def __init__(self, status: int, reason: str, detail: str, *, connected: bool) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.connected = connected  # the request may have reached the upstream
+
+
+def _service_from_host(host: bytes, domain_suffix: bytes) -> bytes:
+    """``udvr``, ``udvr:80``, ``udvr.svc.mesh``, ``UDVR.svc.mesh.:8080`` -> ``udvr``."""
+    name = host.rsplit(b":", 1)[0] if b":" in host and not host.endswith(b"]") else host
+    name = name.rstrip(b".").lower()
+    if name.endswith(domain_suffix):
+        name = name[: -len(domain_suffix)]
+    return name
+
+
+class Proxy:
+    """Accepts local clients and proxies their requests. One per agent."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        router: Router,
+        *,
+        domain: str = "mesh",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self._suffix = f".svc.{domain}".encode()
+        self.stats = ProxyStats(refused={})
+        self.pool = Pool(
+            max_idle=config.pool_max_idle,
+            max_per_upstream=config.pool_max_per_instance,
+            idle_timeout=config.pool_idle_timeout,
+            on_open=self._count_upstream,
+        )
+        self._clock = clock
+        self._sem_free = config.max_connections
+
+    def _count_upstream(self, delta: int) -> None:
+        self.stats.upstream_connections += delta
+
+    def _refuse(self, reason: str) -> None:
+        self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
+
+    # --- listening ---------------------------------------------------------------------
+
+    async def serve(
+        self,
+        listener: socket.socket,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on ``listener`` (bound, listening; this function closes it). Never returns."""
+        listener.setblocking(False)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_idle)
+                task_status.started(listener.getsockname()[:2])
+                while True:
+                    await trio.lowlevel.wait_readable(listener)
+                    while True:  # drain the accept queue per wake-up
+                        try:
+                            sock, peer = listener.accept()
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:  # EMFILE and friends: back off briefly
+                            _log.warning("proxy accept failed", error=exc)
+                            await trio.sleep(0.1)
+                            break
+                        if self.stats.open_connections >= self.config.max_connections:
+                            self.stats.connections_refused += 1
+                            self._reject_connection(sock)
+                            continue
+                        nursery.start_soon(self._client, sock, peer[0])
+        finally:
+            listener.close()
+            self.pool.close()
+
+    def _reject_connection(self, sock: socket.socket) -> None:
+        try:
+            sock.setblocking(False)
+            sock.send(error_response(503, "too-many-connections", "too many connections",
+                                     close=True))  # fmt: skip
+        except OSError:
+            pass
+        sock.close()
+
+    async def _expire_idle(self) -> None:
+        while True:
+            await trio.sleep(max(1.0, self.config.pool_idle_timeout / 2))
+            self.pool.expire(self._clock())
+
+    # --- one client connection -------------------------------------------------------
+
+    async def _client(self, sock: socket.socket, peer: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = Stream(sock)
+        self.stats.open_connections += 1
+        try:
+            first = True
+            while True:
+                head = await self._read_head(client, first)
+                if head is None:
+                    return
+                first = False
+                if not await self._exchange(client, head, peer):
+                    return
+        except HttpError as exc:
+            self._refuse(exc.reason)
+            with contextlib.suppress(OSError):
+                await client.send(error_response(exc.status, exc.reason, exc.detail, close=True))
+        except OSError:
+            self._refuse("client-reset")
+        finally:
+            self.stats.open_connections -= 1
+            client.close()
+
+    async def _read_head(self, client: Stream, first: bool) -> bytes | None:
+        """The next request head, or None when the client is done (EOF or idle).
+
+        Raises:
+            HttpError: 408 slow head, 414/431 too long.
+        """
+        cfg = self.config
+        idle = not client.buf
+        with trio.CancelScope() as scope:
+            scope.deadline = trio.current_time() + (
+                cfg.idle_timeout if idle else cfg.header_timeout
+            )
+            searched = 0
+            while True:
+                end = client.buf.find(b"\r\n\r\n", max(0, searched - 3))
+                if end >= 0:
+                    head = bytes(client.buf[: end + 4])
+                    del client.buf[: end + 4]
+                    return head
+                searched = len(client.buf)
+                if searched > MAX_HEAD_BYTES or (
+                    searched > MAX_REQUEST_LINE and client.buf.find(b"\r\n") < 0
+                ):
+                    raise (
+                        HttpError(414, "uri-too-long", "request line too long")
+                        if client.buf.find(b"\r\n") < 0
+                        else HttpError(431, "headers-too-large", "request headers too large")
+                    )
+                if not await client.fill():
+                    if client.buf:
+                        raise HttpError(400, "incomplete-request", "connection closed mid-head")
+                    return None
+                if idle:
+                    idle = False
+                    scope.deadline = trio.current_time() + cfg.header_timeout
+        if idle and not client.buf:
+            return None  # an idle keep-alive connection: close quietly
+        raise HttpError(408, "header-timeout", "request headers not received in time")
+
+    def _destination(self, req: Head) -> tuple[bytes, bytes]:
+        """(service name, origin-form target) of a request."""
+        target = req.target
+        if target[:1] == b"/":
+            host = req.get(b"host")
+            if host is None:
+                raise HttpError(400, "missing-host", "no Host header")
+            return _service_from_host(host, self._suffix), target
+        if target[:7].lower() == b"http://":
+            rest = target[7:]
+            slash = rest.find(b"/")
+            authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+            if b"@" in authority or not authority:
+                raise HttpError(400, "bad-request-target", "invalid absolute URI")
+            return _service_from_host(authority, self._suffix), path
+        if req.method == b"CONNECT" or target[:8].lower() == b"https://":
+            raise HttpError(501, "unsupported-method", "CONNECT and https:// are not proxied")
+        raise HttpError(400, "bad-request-target", "invalid request target")
+
+    def _upstream_head(self, req: Head, path: bytes, peer: str, *, chunked: bool,
+                       upgrade: bool) -> bytes:  # fmt: skip
+        """The request head sent upstream: original lines, hop-by-hop removed."""
+        drop = HOP_BY_HOP
+        tokens = req.connection_tokens() if req.get(b"connection") is not None else None
+        if tokens:
+            drop = drop | tokens
+        lines = [req.method + b" " + path + b" " + req.version]
+        xff = trace = False
+        for (name, value), line in zip(req.fields, req.lines, strict=True):
+            if name in drop or name.startswith(_MESH_PREFIX):
+                continue
+            if name == b"x-forwarded-for":
+                line = b"X-Forwarded-For: " + value + b", " + peer.encode()
+                xff = True
+            elif name == b"traceparent":
+                if trace or len(value) != 55:
+                    continue  # invalid or repeated: replaced below
+                trace = True
+            elif name == b"host" and req.target[:1] != b"/":
+                continue  # absolute form: Host comes from the URI (RFC 9112 §3.2.2)
+            lines.append(line)
+        if req.target[:1] != b"/":
+            lines.append(b"Host: " + req.target[7:].split(b"/", 1)[0])
+        if not xff:
+            lines.append(b"X-Forwarded-For: " + peer.encode())
+        if not trace:
+            rand = os.urandom(24).hex().encode()
+            lines.append(b"traceparent: 00-" + rand[:32] + b"-" + rand[32:] + b"-01")
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        if upgrade:
+            lines.append(b"Connection: Upgrade")
+            lines.append(b"Upgrade: " + (req.get(b"upgrade") or b""))
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    async def _exchange(self, client: Stream, head_bytes: bytes, peer: str) -> bool:
+        """Proxy one request; True when the client connection may carry another."""
+        req = parse_request_head(head_bytes)
+        service, path = self._destination(req)
+        framing, length = body_framing(req)
+        tokens = req.connection_tokens()
+        client_close = b"close" in tokens or (
+            req.version == b"HTTP/1.0" and b"keep-alive" not in tokens
+        )
+        upgrade = b"upgrade" in tokens and req.get(b"upgrade") is not None
+        expect = req.get(b"expect")
+        if expect is not None and expect.lower() != b"100-continue":
+            raise HttpError(417, "bad-expect", "only Expect: 100-continue is supported")
+        method = req.method.decode("ascii")
+        now = self._clock()
+        try:
+            state = self.router.route(service.decode("ascii", "replace"), method,
+                                      path.decode("latin-1"), req.fields, now)  # fmt: skip
+        except HttpError as exc:
+            return await self._refuse_request(client, exc, framing, length, client_close)
+        # A body held whole can be replayed on a retry; a larger one streams once.
+        body: bytes | None = None
+        if framing == "none":
+            body = b""
+        elif framing == "length" and length <= REPLAY_BUFFER and expect is None:
+            while len(client.buf) < length:
+                if not await client.fill():
+                    raise HttpError(400, "incomplete-request", "connection closed mid-body")
+            body = bytes(client.buf[:length])
+            del client.buf[:length]
+        try:
+            state.admit(now)
+        except HttpError as exc:
+            return await self._refuse_request(client, exc, framing, length - len(body or b""),
+                                              client_close and body is not None)  # fmt: skip
+        try:
+            return await self._forward(client, req, state, path, peer, body, framing, length,
+                                       client_close=client_close, upgrade=upgrade,
+                                       expect=expect is not None)  # fmt: skip
+        finally:
+            state.release()
+
+    async def _refuse_request(self, client: Stream, exc: HttpError, framing: str, length: int,
+                              client_close: bool) -> bool:  # fmt: skip
+        """Answer an error before the body was read; keep the connection if it can be."""
+        self._refuse(exc.reason)
+        keep = not client_close and framing in ("none", "length") and length <= REPLAY_BUFFER
+        if keep and framing == "length":
+            while len(client.buf) < length:  # skip a small body so the next request parses
+                if not await client.fill():
+                    return False
+            del client.buf[:length]
+        await client.send(error_response(exc.status, exc.reason, exc.detail, close=not keep))
+        return keep
+
+    async def _forward(self, client: Stream, req: Head, state: RouteState, path: bytes,
+                       peer: str, body: bytes | None, framing: str, length: int, *,
+                       client_close: bool, upgrade: bool, expect: bool) -> bool:  # fmt: skip
+        route = state.route
+        policy = route.retries
+        head = self._upstream_head(req, path, peer, chunked=framing == "chunked", upgrade=upgrade)
+        replayable = body is not None and may_retry(
+            req.method.decode("ascii"), body_replayable=True
+        )
+        start = self._clock()
+        deadline = trio.current_time() + route.timeout if route.timeout > 0 else float("inf")
+        tried: set[str] = set()
+        retries = 0
+        state.deposit(start)
+        while True:
+            endpoint = state.pick(tried, self._clock())
+            tried.add(endpoint.id)
+            try_deadline = deadline
+            if route.per_try_timeout > 0:
+                try_deadline = min(deadline, trio.current_time() + route.per_try_timeout)
+            t0 = self._clock()
+            upstream: Stream | None = None
+            try:
+                with trio.move_on_at(try_deadline) as scope:
+                    upstream, resp = await self._attempt(
+                        client, endpoint, head, body, framing, length, expect, req
+                    )
+                if scope.cancelled_caught:
+                    raise _Attempt(504, "timeout", "upstream timed out", connected=True)
+            except _Attempt as failure:
+                if upstream is not None:
+                    self.pool.discard(upstream)
+                state.finish(endpoint, False, self._clock() - t0, self._clock())
+                timed_out_total = trio.current_time() >= deadline
+                can_retry = (
+                    not timed_out_total
+                    and retries < policy.max
+                    and (replayable or (not failure.connected and body is not None))
+                    and (
+                        (not failure.connected and policy.retry_on_connection_error)
+                        or (failure.reason == "timeout" and route.per_try_timeout > 0)
+                        or (failure.reason == "upstream-reset" and policy.retry_on_connection_error)
+                    )
+                )
+                if can_retry and state.withdraw(self._clock()):
+                    retries += 1
+                    continue
+                if can_retry:
+                    failure.reason = "retry-budget-exhausted"
+                    failure.detail = f"{failure.detail}; retry budget exhausted"
+                state.count_response(failure.status, self._clock() - start)
+                self._refuse(failure.reason)
+                keep = not client_close and body is not None
+                await client.send(error_response(failure.status, failure.reason, failure.detail,
+                                                 close=not keep))  # fmt: skip
+                return keep
+            assert upstream is not None
+            status = resp.status
+            state.finish(endpoint, status < 500, self._clock() - t0, self._clock())
+            exhausted = False
+            if (
+                status in policy.retry_statuses
+                and replayable
+                and retries < policy.max
+                and trio.current_time() < deadline
+            ):
+                if state.withdraw(self._clock()):
+                    retries += 1
+                    self.pool.discard(upstream)  # its response body is not read
+                    continue
+                exhausted = True
+            return await self._respond(client, upstream, req, resp, state, start,
+                                       client_close=client_close, upgrade=upgrade,
+                                       exhausted=exhausted)  # fmt: skip
+
+    async def _attempt(self, client: Stream, endpoint: Endpoint, head: bytes,
+                       body: bytes | None, framing: str, length: int, expect: bool,
+                       req: Head) -> tuple[Stream, Head]:  # fmt: skip
+        """Send the request on a pooled or new connection and read the response head.
+
+        A reused connection that fails before any response byte is retried
+        once on a fresh one (the peer closed it while idle): never the
+        client's problem.
+
+        Raises:
+            _Attempt: connect failure, reset, or a malformed response.
+        """
+        for fresh in (False, True):
+            upstream = None if fresh else self.pool.take_idle(endpoint.key, self._clock())
+            if upstream is None:
+                try:
+                    upstream = await self.pool.open(endpoint.host, endpoint.port)
+                except ConnectError as exc:
+                    raise _Attempt(502, "connect-failed", f"connect to {endpoint.id} failed: "
+                                   f"{exc.strerror or exc}", connected=False) from None  # fmt: skip
+            try:
+                if body is not None:
+                    await upstream.send(head + body if len(body) < 16384 else head)
+                    if len(body) >= 16384:
+                        await upstream.send(body)
+                else:
+                    await upstream.send(head)
+                    if expect:
+                        interim = await self._read_response_head(upstream)
+                        if interim is not None and interim.status == 100:
+                            await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        elif interim is not None:
+                            return upstream, interim
+                    await self._stream_body(client, upstream, framing, length)
+                got = await self._read_response_head(upstream)
+            except HttpError as exc:
+                if exc.status >= 500:
+                    self.pool.discard(upstream)
+                    raise _Attempt(502, exc.reason, exc.detail, connected=True) from None
+                raise  # the client's body was bad: answered by _client
+            except OSError:
+                got = None
+            if got is not None:
+                return upstream, got
+            self.pool.discard(upstream)
+            if not (upstream.reused and body is not None):
+                raise _Attempt(502, "upstream-reset",
+                               f"{endpoint.id} closed the connection", connected=True)  # fmt: skip
+        raise AssertionError("unreachable")
+
+    async def _read_response_head(self, upstream: Stream) -> Head | None:
+        """The next response head (100 and 101 included), or None if the upstream closed first."""
+        while True:
+            end = upstream.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                raw = bytes(upstream.buf[: end + 4])
+                del upstream.buf[: end + 4]
+                resp = parse_response_head(raw)
+                if 100 < resp.status < 200 and resp.status != 101:
+                    continue  # 102/103 interim responses: dropped (never forwarded blindly)
+                return resp
+            if len(upstream.buf) > MAX_HEAD_BYTES:
+                raise HttpError(502, "bad-upstream-response", "upstream head too large")
+            if not await upstream.fill():
+                if upstream.buf:
+                    raise HttpError(502, "bad-upstream-response", "upstream closed mid-head")
+                return None
+
+    async def _stream_body(self, client: Stream, upstream: Stream, framing: str,
+                           length: int) -> None:  # fmt: skip
+        """Forward the client's request body (not held in memory) upstream."""
+        if framing == "length":
+            await _copy_length(client, upstream, length, "request")
+        elif framing == "chunked":
+            await _copy_chunked(client, upstream, "request")
+
+    async def _respond(self, client: Stream, upstream: Stream, req: Head, resp: Head,
+                       state: RouteState, start: float, *, client_close: bool, upgrade: bool,
+                       exhausted: bool) -> bool:  # fmt: skip
+        """Forward the response head and body; True if both sides stay open."""
+        framing, length = response_framing(resp, req.method)
+        tokens = resp.connection_tokens() if resp.get(b"connection") is not None else set()
+        upstream_close = b"close" in tokens or resp.version == b"HTTP/1.0" or framing == "close"
+        switching = upgrade and resp.status == 101
+        close = client_close or framing == "close"
+        lines = [resp.start]
+        drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
+        for (name, _value), line in zip(resp.fields, resp.lines, strict=True):
+            if name not in drop:
+                lines.append(line)
+        if switching:
+            lines.append(b"Connection: Upgrade")
+            lines.append(b"Upgrade: " + (resp.get(b"upgrade") or b""))
+        elif framing == "chunked":
+            lines.append(b"Transfer-Encoding: chunked")
+        if close and not switching:
+            lines.append(b"Connection: close")
+        if exhausted:  # a retryable status we could not retry: say why it is passed on
+            lines.append(b"hostmesh-error: retry-budget-exhausted")
+            self._refuse("retry-budget-exhausted")
+        await client.send(b"\r\n".join(lines) + b"\r\n\r\n")
+        state.count_response(resp.status, self._clock() - start)
+        if switching:
+            self.pool.discard(upstream)  # owned by the tunnel from here
+            upstream.key = None
+            self.stats.upstream_connections += 1
+            try:
+                await tunnel(client, upstream)
+            finally:
+                self.stats.upstream_connections -= 1
+                upstream.close()
+            return False
+        try:
+            if framing == "length":
+                await _copy_length(upstream, client, length, "response")
+            elif framing == "chunked":
+                await _copy_chunked(upstream, client, "response")
+            elif framing == "close":
+                await _copy_until_eof(upstream, client)
+        except BaseException:
+            self.pool.discard(upstream)
+            raise
+        if upstream_close or upgrade:
+            self.pool.discard(upstream)
+        else:
+            self.pool.release(upstream, self._clock())
+        return not close and not upgrade
+
+
+async def _copy_length(src: Stream, dst: Stream, length: int, what: str) -> None:
+    """Forward exactly ``length`` bytes from ``src`` to ``dst``."""
+    left = length
+    n = 0
+    while left > 0:
+        if src.buf:
+            chunk = bytes(src.buf[:left])
+            del src.buf[: len(chunk)]
+        else:
+            chunk = await src.recv()
+            if not chunk:
+                raise _closed(what)
+            if len(chunk) > left:
+                src.buf += chunk[left:]
+                chunk = chunk[:left]
+        left -= len(chunk)
+        await dst.send(chunk)
+        n += 1
+        if n % CHECKPOINT_EVERY == 0:
+            await trio.lowlevel.checkpoint()
+
+
+async def _copy_chunked(src: Stream, dst: Stream, what: str) -> None:
+    """Forward a chunked body, untouched, up to its end."""
+    scanner = ChunkedScanner()
+    n = 0
+    while not scanner.done:
+        chunk = await src.recv()
+        if not chunk:
+            raise _closed(what)
+        try:
+            used = scanner.feed(chunk)
+        except HttpError as exc:
+            if what == "response":
+                raise HttpError(502, "bad-upstream-response", exc.detail) from None
+            raise
+        if used < len(chunk):
+            src.buf += chunk[used:]
+            chunk = chunk[:used]
+        await dst.send(chunk)
+        n += 1
+        if n % CHECKPOINT_EVERY == 0:
+            await trio.lowlevel.checkpoint()
+
+
+async def _copy_until_eof(src: Stream, dst: Stream) -> None:
+    n = 0
+    while True:
+        chunk = await src.recv()
+        if not chunk:
+            return
+        await dst.send(chunk)
+        n += 1
+        if n % CHECKPOINT_EVERY == 0:
+            await trio.lowlevel.checkpoint()
+
+
+def _closed(what: str) -> HttpError:
+    if what == "request":
+        return HttpError(400, "incomplete-request", "client closed mid-body")
+    return HttpError(502, "upstream-reset", "upstream closed mid-body")
+
+
+async def tunnel(a: Stream, b: Stream) -> None:
+    """Copy bytes both ways until both directions are closed (half-close aware)."""
+
+    async def one_way(src: Stream, dst: Stream) -> None:
+        with contextlib.suppress(OSError):
+            await _copy_until_eof(src, dst)
+        dst.shutdown_write()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one_way, a, b)
+        nursery.start_soon(one_way, b, a)

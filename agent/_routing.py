@@ -1,0 +1,405 @@
+"""Routing snapshots and the router the proxy asks for an instance.
+
+A :class:`RoutingSnapshot` is immutable: the catalog's instances per service
+(healthy and all), each service's traffic policy, the callers per AZ and the
+zone plans, built once per catalog or config change and swapped in with one
+assignment (so a future worker process can receive it whole). The
+:class:`Router` adds the state that must outlive snapshots: per-instance
+latency stats, outlier ejection, retry budgets, rate and concurrency limits.
+
+Picking an instance for a request (:meth:`RouteState.pick`):
+
+1. the route's weighted target (subset) among those with a usable instance;
+2. the subset's healthy instances, or all of them under the panic threshold;
+3. Envoy's zone-aware plan picks a zone (all local when the local AZ has its
+   share of capacity);
+4. ejected instances and those already tried for this request are left out
+   while anything else remains;
+5. power of two choices over peak-EWMA latency x outstanding requests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from hostmesh._metrics import Registry
+from hostmesh._routes import (
+    DEFAULT_POLICY,
+    DEFAULT_ROUTE,
+    Route,
+    RouteMatch,
+    Target,
+    TrafficPolicy,
+    match_route,
+    pick_target_among,
+)
+from hostmesh.catalog import Catalog, Health
+from hostmesh.catalog._query import InstanceView, service_instances
+
+from ._balancer import EndpointStats, StatsTable, pick
+from ._http1 import HttpError
+from ._resilience import (
+    ConcurrencyLimit,
+    OutlierConfig,
+    OutlierDetector,
+    RetryBudget,
+    TokenBucket,
+)
+from ._zone import ZoneConfig, ZonePlan, capacity_per_az, plan_zones
+
+__all__ = ["Endpoint", "RouteState", "Router", "RoutingSnapshot", "build_snapshot"]
+
+#: Latency histogram bounds (s): the proxy's own overhead is sub-millisecond,
+#: so the buckets start at 0.5 ms (Prometheus' defaults start at 5 ms).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One instance as the proxy dials it."""
+
+    id: str  # the instance ID (unique in the catalog)
+    host: str
+    port: int
+    az: str
+    node: str
+    weight: float  # balancing weight for its health; the configured one in panic
+    healthy: bool
+    tags: tuple[str, ...]
+    meta: Mapping[str, str]
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class _Subset:
+    healthy: tuple[Endpoint, ...]
+    all: tuple[Endpoint, ...]
+    plan: ZonePlan | None  # None in panic: every instance, any zone
+
+
+@dataclass(frozen=True)
+class ServiceSnapshot:
+    name: str
+    policy: TrafficPolicy
+    endpoints: tuple[Endpoint, ...]
+    subsets: Mapping[Target, _Subset]
+
+
+@dataclass(frozen=True)
+class RoutingSnapshot:
+    """What the proxy routes by; replaced whole, never mutated."""
+
+    services: Mapping[str, ServiceSnapshot] = field(default_factory=dict)
+    local_az: str = ""
+    version: int = 0
+
+
+def _endpoint(view: InstanceView) -> Endpoint:
+    inst = view.instance
+    healthy = view.node_live and view.health is not Health.CRITICAL
+    return Endpoint(
+        id=inst.id,
+        host=view.address,
+        port=inst.port,
+        az=view.node.az,
+        node=view.node.name,
+        weight=float(view.weight if healthy else max(1, inst.weight)),
+        healthy=healthy,
+        tags=inst.tags,
+        meta=inst.meta,
+    )
+
+
+def build_snapshot(
+    catalog: Catalog,
+    traffic: Mapping[str, TrafficPolicy],
+    local_az: str,
+    *,
+    zone: ZoneConfig | None = None,
+    version: int = 0,
+    only_passing: bool = False,
+) -> RoutingSnapshot:
+    """A snapshot of every service in ``catalog`` under ``traffic``'s policies."""
+    zone = zone or ZoneConfig()
+    callers: dict[str, int] = {}
+    for record in catalog:
+        if not record.left and catalog.node_live(record.node.name) and record.node.az:
+            callers[record.node.az] = callers.get(record.node.az, 0) + 1
+    names = {inst.name for record in catalog for inst in record.services}
+    services = {}
+    for name in names:
+        views = service_instances(catalog, name)
+        endpoints = tuple(_endpoint(v) for v in views)
+        if only_passing:
+            endpoints = tuple(
+                e if v.health is Health.PASSING or not e.healthy else _unhealthy(e)
+                for e, v in zip(endpoints, views, strict=True)
+            )
+        policy = traffic.get(name, DEFAULT_POLICY)
+        # Target() (every instance) backs the default route and TCP upstreams.
+        targets = {t for route in policy.routes for t in route.targets} | {Target()}
+        subsets = {}
+        for target in targets:
+            members = tuple(e for e in endpoints if target.selects(e))
+            healthy = tuple(e for e in members if e.healthy and e.weight > 0)
+            plan: ZonePlan | None = plan_zones(
+                local_az,
+                callers,
+                capacity_per_az(healthy, lambda e: e.az, lambda e: e.weight),
+                healthy_hosts=len(healthy),
+                total_hosts=len(members),
+                config=zone,
+            )
+            if plan is not None and plan.mode.name == "PANIC":
+                plan = None
+            subsets[target] = _Subset(healthy, members, plan)
+        services[name] = ServiceSnapshot(name, policy, endpoints, subsets)
+    return RoutingSnapshot(services, local_az, version)
+
+
+def _unhealthy(e: Endpoint) -> Endpoint:
+    from dataclasses import replace
+
+    return replace(e, healthy=False)
+
+
+class _ServiceRuntime:
+    """State of one service that survives snapshot swaps."""
+
+    def __init__(self, policy: TrafficPolicy) -> None:
+        self.policy = policy
+        self.stats = StatsTable()
+        self.outlier = OutlierDetector(_outlier_config(policy))
+        self.budget = RetryBudget()
+        self.bucket = TokenBucket(policy.rate_limit, policy.burst) if policy.rate_limit else None
+        self.limit = ConcurrencyLimit(policy.max_concurrent)
+
+    def update(self, policy: TrafficPolicy, endpoints: Iterable[Endpoint]) -> None:
+        if policy != self.policy:
+            self.policy = policy
+            self.outlier.config = _outlier_config(policy)
+            self.bucket = (
+                TokenBucket(policy.rate_limit, policy.burst) if policy.rate_limit else None
+            )
+            self.limit.limit = policy.max_concurrent  # keeps the in-flight count
+        ids = [e.id for e in endpoints]
+        self.stats.retain(ids)
+        self.outlier.set_instances(ids)
+
+
+def _outlier_config(policy: TrafficPolicy) -> OutlierConfig:
+    o = policy.outlier
+    return OutlierConfig(
+        consecutive_failures=o.consecutive_failures or 1_000_000_000,
+        base_ejection=o.base_ejection,
+        max_ejection_percent=o.max_ejection_percent if o.consecutive_failures else 0,
+    )
+
+
+class TrafficMetrics:
+    """The proxy's per-service, per-route and per-instance series."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.requests = registry.counter(
+            "hostmesh_proxy_requests_total", "Requests routed, by service and route.",
+            ("service", "route"))  # fmt: skip
+        self.responses = registry.counter(
+            "hostmesh_proxy_responses_total",
+            "Responses to clients by service, route and status class (5xx includes the "
+            "proxy's own errors).", ("service", "route", "class"))  # fmt: skip
+        self.latency = registry.histogram(
+            "hostmesh_proxy_request_duration_seconds",
+            "Time from routing a request to its response head, by service.",
+            ("service",), buckets=LATENCY_BUCKETS)  # fmt: skip
+        self.instance_requests = registry.counter(
+            "hostmesh_proxy_instance_requests_total", "Attempts sent to each instance.",
+            ("service", "instance"))  # fmt: skip
+        self.instance_failures = registry.counter(
+            "hostmesh_proxy_instance_failures_total",
+            "Attempts that failed (5xx, connect failure, reset, timeout) per instance.",
+            ("service", "instance"))  # fmt: skip
+        self.retries = registry.counter(
+            "hostmesh_proxy_retries_total", "Retries sent, by service and route.",
+            ("service", "route"))  # fmt: skip
+        self.budget_exhausted = registry.counter(
+            "hostmesh_proxy_retry_budget_exhausted_total",
+            "Retries not sent because the retry budget was empty.", ("service",))  # fmt: skip
+        self.ejections = registry.counter(
+            "hostmesh_proxy_ejections_total", "Outlier ejections, by service and instance.",
+            ("service", "instance"))  # fmt: skip
+        self.limited = registry.counter(
+            "hostmesh_proxy_limited_total",
+            "Requests refused by a service's rate limit or concurrency cap.",
+            ("service", "reason"))  # fmt: skip
+
+
+class Router:
+    """Routes requests by the current snapshot; one per agent (single Trio thread)."""
+
+    def __init__(self, registry: Registry, *, rng: random.Random | None = None) -> None:
+        self.snapshot = RoutingSnapshot()
+        self.metrics = TrafficMetrics(registry)
+        self.rng = rng or random.Random()
+        self._runtime: dict[str, _ServiceRuntime] = {}
+        self.tcp: dict[str, dict[str, int]] = {}  # service -> TCP upstream counters
+
+    def update(self, snapshot: RoutingSnapshot) -> None:
+        """Swap in a new snapshot; runtime state of gone instances is dropped."""
+        for name, svc in snapshot.services.items():
+            runtime = self._runtime.get(name)
+            if runtime is None:
+                self._runtime[name] = _ServiceRuntime(svc.policy)
+                self._runtime[name].update(svc.policy, svc.endpoints)
+            else:
+                runtime.update(svc.policy, svc.endpoints)
+        for name in [n for n in self._runtime if n not in snapshot.services]:
+            del self._runtime[name]
+        self.snapshot = snapshot
+
+    def runtime(self, service: str) -> _ServiceRuntime | None:
+        return self._runtime.get(service)
+
+    def tcp_stats(self, service: str) -> dict[str, int]:
+        """Counters of one TCP upstream listener (rendered by /metrics)."""
+        return self.tcp.setdefault(service, {"connections": 0, "connect_failures": 0,
+                                             "refused": 0})  # fmt: skip
+
+    def tcp_route(self, service: str, now: float) -> RouteState:
+        """A TCP connection's route: the policy's catch-all route (first with an
+        empty match, keeping its split), else every instance.
+
+        Raises:
+            HttpError: 502 unknown service.
+        """
+        svc = self.snapshot.services.get(service)
+        if svc is None:
+            raise HttpError(502, "unknown-service", f"no service named {service!r}")
+        route = next((r for r in svc.policy.routes if r.match == RouteMatch()), DEFAULT_ROUTE)
+        return RouteState(self, svc, self._runtime[service], route)
+
+    def route(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        now: float,
+    ) -> RouteState:
+        """The route a request takes.
+
+        Raises:
+            HttpError: 502 unknown service, 404 no route matched.
+        """
+        svc = self.snapshot.services.get(service)
+        if svc is None:
+            raise HttpError(502, "unknown-service", f"no service named {service!r}")
+        route = match_route(
+            svc.policy.routes, method, path,
+            ((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+        )  # fmt: skip
+        if route is None:
+            raise HttpError(404, "no-route", f"no route of {service!r} matches the request")
+        self.metrics.requests.labels(service, route.name).inc()
+        return RouteState(self, svc, self._runtime[service], route)
+
+
+class RouteState:
+    """One request's routing: limits, instance picks, outcomes, retry budget."""
+
+    __slots__ = ("_admitted", "_router", "_rt", "route", "svc")
+
+    def __init__(self, router: Router, svc: ServiceSnapshot, rt: _ServiceRuntime,
+                 route: Route) -> None:  # fmt: skip
+        self._router = router
+        self.svc = svc
+        self._rt = rt
+        self.route = route
+        self._admitted = False
+
+    def admit(self, now: float) -> None:
+        """Take a slot of the service's rate limit and concurrency cap.
+
+        Raises:
+            HttpError: 429 rate limited, 503 over max_concurrent.
+        """
+        rt = self._rt
+        if rt.bucket is not None and not rt.bucket.try_take(now):
+            self._router.metrics.limited.labels(self.svc.name, "rate").inc()
+            raise HttpError(429, "rate-limited", f"{self.svc.name}: rate limit reached")
+        if not rt.limit.try_acquire():
+            self._router.metrics.limited.labels(self.svc.name, "concurrency").inc()
+            raise HttpError(503, "overloaded", f"{self.svc.name}: too many requests in flight")
+        self._admitted = True
+
+    def release(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._rt.limit.release()
+
+    def deposit(self, now: float) -> None:
+        self._rt.budget.deposit(now)
+
+    def withdraw(self, now: float) -> bool:
+        """Take a retry from the budget; counts the retry or the exhaustion."""
+        if self._rt.budget.try_withdraw(now):
+            self._router.metrics.retries.labels(self.svc.name, self.route.name).inc()
+            return True
+        self._router.metrics.budget_exhausted.labels(self.svc.name).inc()
+        return False
+
+    def pick(self, tried: set[str], now: float) -> Endpoint:
+        """The instance for the next attempt.
+
+        Raises:
+            HttpError: 503 when no instance can take the request.
+        """
+        svc = self.svc
+        rt = self._rt
+        rng = self._router.rng
+        outlier = rt.outlier
+
+        def usable(target: Target) -> bool:
+            subset = svc.subsets.get(target)
+            return subset is not None and bool(subset.healthy or subset.all)
+
+        target = pick_target_among(self.route, rng.random(), usable)
+        if target is None:
+            raise HttpError(503, "no-healthy-instance", f"{svc.name} has no healthy instance")
+        subset = svc.subsets[target]
+        plan = subset.plan
+        candidates = subset.healthy if plan is not None else subset.all
+        if plan is not None:
+            zone = plan.pick_zone(rng.random())
+            if zone is not None:
+                local = [e for e in candidates if e.az == zone]
+                if local:
+                    candidates = tuple(local)
+        fresh = [e for e in candidates if e.id not in tried and not outlier.is_ejected(e.id, now)]
+        if not fresh:
+            fresh = [e for e in subset.healthy or subset.all
+                     if not outlier.is_ejected(e.id, now)] or list(candidates)  # fmt: skip
+        stats = rt.stats
+        chosen = pick(fresh, lambda e: stats.get(e.id), lambda e: e.weight or 1.0, rng, now)
+        stats.get(chosen.id).start(now)
+        self._router.metrics.instance_requests.labels(svc.name, chosen.id).inc()
+        return chosen
+
+    def finish(self, endpoint: Endpoint, ok: bool, latency: float, now: float) -> None:
+        """Feed one attempt's outcome to the balancer and the outlier detector."""
+        stats: EndpointStats = self._rt.stats.get(endpoint.id)
+        stats.finish(now, latency, ok)
+        if not ok:
+            self._router.metrics.instance_failures.labels(self.svc.name, endpoint.id).inc()
+        ejection = self._rt.outlier.record(endpoint.id, ok, now)
+        if ejection is not None:
+            self._router.metrics.ejections.labels(self.svc.name, endpoint.id).inc()
+
+    def count_response(self, status: int, duration: float) -> None:
+        m = self._router.metrics
+        m.responses.labels(self.svc.name, self.route.name, f"{status // 100}xx").inc()
+        m.latency.labels(self.svc.name).observe(duration)
