@@ -464,27 +464,18 @@ class Proxy:
                     raise _Attempt(502, "connect-failed", f"connect to {endpoint.id} failed: "
                                    f"{exc.strerror or exc}", connected=False) from None  # fmt: skip
             try:
-                if body is not None:
-                    await upstream.send(head + body if len(body) < 16384 else head)
-                    if len(body) >= 16384:
-                        await upstream.send(body)
-                else:
-                    await upstream.send(head)
-                    if expect:
-                        interim = await self._read_response_head(upstream)
-                        if interim is not None and interim.status == 100:
-                            await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-                        elif interim is not None:
-                            return upstream, interim
-                    await self._stream_body(client, upstream, framing, length)
-                got = await self._read_response_head(upstream)
+                got = await self._send_and_read(client, upstream, head, body, framing, length,
+                                                expect)  # fmt: skip
             except HttpError as exc:
+                self.pool.discard(upstream)
                 if exc.status >= 500:
-                    self.pool.discard(upstream)
                     raise _Attempt(502, exc.reason, exc.detail, connected=True) from None
                 raise  # the client's body was bad: answered by _client
             except OSError:
                 got = None
+            except BaseException:
+                self.pool.discard(upstream)  # cancelled (timeout): the connection is unusable
+                raise
             if got is not None:
                 return upstream, got
             self.pool.discard(upstream)
@@ -492,6 +483,26 @@ class Proxy:
                 raise _Attempt(502, "upstream-reset",
                                f"{endpoint.id} closed the connection", connected=True)  # fmt: skip
         raise AssertionError("unreachable")
+
+    async def _send_and_read(self, client: Stream, upstream: Stream, head: bytes,
+                             body: bytes | None, framing: str, length: int,
+                             expect: bool) -> Head | None:  # fmt: skip
+        """Send one request and read its response head (None: closed before one)."""
+        if body is not None:
+            if len(body) < 16384:
+                await upstream.send(head + body)
+            else:
+                await upstream.send(head)
+                await upstream.send(body)
+            return await self._read_response_head(upstream)
+        await upstream.send(head)
+        if expect:
+            interim = await self._read_response_head(upstream)
+            if interim is None or interim.status != 100:
+                return interim  # a final answer without the body (417, 401, ...)
+            await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await self._stream_body(client, upstream, framing, length)
+        return await self._read_response_head(upstream)
 
     async def _read_response_head(self, upstream: Stream) -> Head | None:
         """The next response head (100 and 101 included), or None if the upstream closed first."""
