@@ -22,6 +22,8 @@ def test_readme_agent_and_service_examples_load(tmp_path: Path) -> None:
     (tmp_path / "agent.toml").write_text(agent_blocks[0])
     cfg = load_agent_config(tmp_path / "agent.toml")
     assert cfg.az == "eu-west-1a" and cfg.dns.service_ttl == {"web": 5.0, "*": 1.0}
+    assert cfg.upstream[0].service == "postgres" and cfg.proxy.bind == "127.0.0.1:4140"
+    assert [r.name for r in cfg.traffic["udvr"].routes] == ["canary", "default"]
     (tmp_path / "udvr.toml").write_text(service_blocks[0])
     (svc,) = load_service_file(tmp_path / "udvr.toml")
     assert svc.name == "udvr" and svc.checks[0].failures_before_critical == 3
