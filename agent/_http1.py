@@ -275,7 +275,7 @@ class ChunkedScanner:
             end = bytes(data[pos : pos + MAX_CHUNK_LINE + 2]).find(b"\n")
             if end < 0:
                 self._line += bytes(data[pos:n])
-                if len(self._line) > MAX_CHUNK_LINE:
+                if len(self._line) > MAX_CHUNK_LINE + 1:  # the line and its CR, LF still to come
                     raise HttpError(400, "bad-chunk", "chunk line too long")
                 return n
             line = self._line + bytes(data[pos : pos + end + 1])

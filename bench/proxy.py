@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import os
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -49,6 +50,7 @@ PACED_CONNECTIONS = 8  # keep-alive connections of the paced client; each sends 
 PACED_SKIP = 0.5  # s at the start of a paced run left out of the latencies
 GOAL_RPS_VS_NGINX = 0.5  # hostmesh rps >= this x nginx proxy rps
 GOAL_ADDED_P99_MS = 1.0  # ms added to p99 at 1,000 rps
+NOISE_LIMIT = 2.0  # core-s of other processes' CPU during a run above which it is flagged
 GOAL_RSS_MB = 50.0  # MB (10^6 bytes) of agent RSS after the load
 
 NGINX_COMMON = """\
@@ -386,6 +388,19 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def machine_busy() -> float:
+    """Core-seconds the whole machine spent busy since boot."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0))
+
+
+def our_cpu() -> float:
+    """Core-seconds used by this script and its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def first_line(argv: list[str]) -> str:
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     return (out.stdout or out.stderr).strip().splitlines()[0]
@@ -407,6 +422,7 @@ def main() -> int:
             raise SystemExit(f"{tool} is needed (apt-get install nginx haproxy wrk)")
 
     results: dict[str, WrkResult] = {}
+    busy_before, ours_before = machine_busy(), our_cpu()
     paced_results: dict[str, PacedResult] = {}
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -461,6 +477,8 @@ def main() -> int:
             agent_log = procs.log("hostmesh")
         finally:
             procs.stop()
+    # Children count once waited for: the servers after stop(), wrk after each run.
+    other = machine_busy() - busy_before - (our_cpu() - ours_before)
 
     base = results["nginx proxy"].rps
     hm = results["hostmesh"]
@@ -512,6 +530,9 @@ def main() -> int:
         "",
         f"hostmesh agent RSS after the load: {rss_mb:.1f} MB ({rss / 2**20:.1f} MiB)"
         f"   (goal < {GOAL_RSS_MB:g} MB: {verdict(rss_mb < GOAL_RSS_MB)})",
+        "",
+        f"CPU used by other processes during the run: {other:.1f} core-s"
+        + ("  (NOISY: the numbers above shared the machine)" if other > NOISE_LIMIT else ""),
     ]
     errors = {label: r for label, r in results.items() if r.errors}
     if errors or any(p.errors for p in paced_results.values()):
