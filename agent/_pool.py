@@ -199,8 +199,12 @@ class Pool:
         idle.append(conn)
 
     def discard(self, conn: Stream) -> None:
-        """Close a connection that must not be reused."""
+        """Close a connection that must not be reused (a second call does nothing more)."""
         conn.close()
+        self.detach(conn)
+
+    def detach(self, conn: Stream) -> None:
+        """Stop counting ``conn`` against its upstream; the caller now owns and closes it."""
         if conn.key is not None:
             left = self._open.get(conn.key, 1) - 1
             if left <= 0:
@@ -208,6 +212,7 @@ class Pool:
             else:
                 self._open[conn.key] = left
             self._on_open(-1)
+            conn.key = None
 
     def expire(self, now: float) -> None:
         """Close idle connections past ``idle_timeout`` (call every few seconds)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -70,6 +71,13 @@ _PHRASES = {
 #: Mesh headers (the mTLS hop's source identity and destination); a local
 #: client may never set them.
 _MESH_PREFIX = b"hostmesh-"
+#: A version-00 traceparent; all-zero trace and parent ids are invalid (W3C
+#: Trace Context §3.2.2). Anything else is replaced by a new trace.
+#: How long an ``Expect: 100-continue`` request waits for the upstream's 100
+#: before the body is sent anyway (RFC 9110 §10.1.1: many servers never send
+#: one); curl's and Go's http.Transport's default is also 1 s.
+EXPECT_CONTINUE_WAIT = 1.0
+_TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def error_response(status: int, reason: str, detail: str, *, close: bool) -> bytes:
@@ -285,15 +293,15 @@ class Proxy:
         if tokens:
             drop = drop | tokens
         lines = [req.method + b" " + path + b" " + req.version]
-        xff = trace = False
+        xff: tuple[int, bytes] | None = None  # (index, value) of the last X-Forwarded-For
+        trace = False
         for (name, value), line in zip(req.fields, req.lines, strict=True):
             if name in drop or name.startswith(_MESH_PREFIX):
                 continue
             if name == b"x-forwarded-for":
-                line = b"X-Forwarded-For: " + value + b", " + peer.encode()
-                xff = True
+                xff = (len(lines), value)  # the peer is appended to the last one only
             elif name == b"traceparent":
-                if trace or len(value) != 55:
+                if trace or _TRACEPARENT.fullmatch(value) is None:
                     continue  # invalid or repeated: replaced below
                 trace = True
             elif name == b"host" and req.target[:1] != b"/":
@@ -301,8 +309,11 @@ class Proxy:
             lines.append(line)
         if req.target[:1] != b"/":
             lines.append(b"Host: " + req.target[7:].split(b"/", 1)[0])
-        if not xff:
+        if xff is None:
             lines.append(b"X-Forwarded-For: " + peer.encode())
+        else:
+            at, value = xff
+            lines[at] = b"X-Forwarded-For: " + (value + b", " if value else b"") + peer.encode()
         if not trace:
             rand = os.urandom(24).hex().encode()
             lines.append(b"traceparent: 00-" + rand[:32] + b"-" + rand[32:] + b"-01")
@@ -497,12 +508,17 @@ class Proxy:
             return await self._read_response_head(upstream)
         await upstream.send(head)
         if expect:
-            interim = await self._read_response_head(upstream)
-            if interim is None or interim.status != 100:
+            interim: Head | None = None
+            with trio.move_on_after(EXPECT_CONTINUE_WAIT) as wait:
+                interim = await self._read_response_head(upstream)
+            if not wait.cancelled_caught and (interim is None or interim.status != 100):
                 return interim  # a final answer without the body (417, 401, ...)
             await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         await self._stream_body(client, upstream, framing, length)
-        return await self._read_response_head(upstream)
+        got = await self._read_response_head(upstream)
+        while expect and got is not None and got.status == 100:  # late, after our own 100
+            got = await self._read_response_head(upstream)
+        return got
 
     async def _read_response_head(self, upstream: Stream) -> Head | None:
         """The next response head (100 and 101 included), or None if the upstream closed first."""
@@ -514,6 +530,12 @@ class Proxy:
                 resp = parse_response_head(raw)
                 if 100 < resp.status < 200 and resp.status != 101:
                     continue  # 102/103 interim responses: dropped (never forwarded blindly)
+                if resp.status >= 200:  # conflicting framing fails the attempt, not the client
+                    try:
+                        body_framing(resp, status_error=502)
+                    except HttpError as exc:
+                        raise HttpError(502, "bad-upstream-response",
+                                        f"upstream: {exc.detail}") from None  # fmt: skip
                 return resp
             if len(upstream.buf) > MAX_HEAD_BYTES:
                 raise HttpError(502, "bad-upstream-response", "upstream head too large")
@@ -557,8 +579,7 @@ class Proxy:
         await client.send(b"\r\n".join(lines) + b"\r\n\r\n")
         state.count_response(resp.status, self._clock() - start)
         if switching:
-            self.pool.discard(upstream)  # owned by the tunnel from here
-            upstream.key = None
+            self.pool.detach(upstream)  # owned by the tunnel from here (discard closed it)
             self.stats.upstream_connections += 1
             try:
                 await tunnel(client, upstream)
@@ -573,6 +594,10 @@ class Proxy:
                 await _copy_chunked(upstream, client, "response")
             elif framing == "close":
                 await _copy_until_eof(upstream, client)
+        except HttpError as exc:  # the head is out: cut the client off, never answer twice
+            self.pool.discard(upstream)
+            self._refuse(exc.reason)
+            return False
         except BaseException:
             self.pool.discard(upstream)
             raise
@@ -592,9 +617,7 @@ async def _copy_length(src: Stream, dst: Stream, length: int, what: str) -> None
             chunk = bytes(src.buf[:left])
             del src.buf[: len(chunk)]
         else:
-            chunk = await src.recv()
-            if not chunk:
-                raise _closed(what)
+            chunk = await _recv(src, what)
             if len(chunk) > left:
                 src.buf += chunk[left:]
                 chunk = chunk[:left]
@@ -610,9 +633,7 @@ async def _copy_chunked(src: Stream, dst: Stream, what: str) -> None:
     scanner = ChunkedScanner()
     n = 0
     while not scanner.done:
-        chunk = await src.recv()
-        if not chunk:
-            raise _closed(what)
+        chunk = await _recv(src, what)
         try:
             used = scanner.feed(chunk)
         except HttpError as exc:
@@ -638,6 +659,18 @@ async def _copy_until_eof(src: Stream, dst: Stream) -> None:
         n += 1
         if n % CHECKPOINT_EVERY == 0:
             await trio.lowlevel.checkpoint()
+
+
+async def _recv(src: Stream, what: str) -> bytes:
+    """The next piece of a body. EOF or a reset ends it early: the sender's
+    fault (:func:`_closed`), never blamed on the other side."""
+    try:
+        chunk = await src.recv()
+    except OSError:
+        chunk = b""
+    if not chunk:
+        raise _closed(what)
+    return chunk
 
 
 def _closed(what: str) -> HttpError:
