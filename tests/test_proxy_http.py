@@ -237,6 +237,28 @@ def answering(*responses: bytes, byte_at_a_time: bool = False) -> Handler:
     return handler
 
 
+def answer_then_hang_up(response: bytes) -> Handler:
+    """A handler that answers the first request with ``response``, then hangs up."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        if await read_request(stream, bytearray()) is not None:
+            await stream.send_all(response)
+
+    return handler
+
+
+async def metrics(m: Mesh) -> str:
+    host, port = m.addrs.api
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"http://{host}:{port}/metrics")).text
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of a metric's samples over all label sets (0 when it has none)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))  # fmt: skip
+
+
 async def serves(m: Mesh) -> None:
     """The proxy still answers a normal request on a new connection."""
     async with m.client() as c:
@@ -339,6 +361,24 @@ async def test_unknown_service_is_502_and_keeps_the_connection(tmp_path: Path) -
         await conn.aclose()
 
 
+@trio_test(10)
+async def test_http_1_0_clients(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        await m.add_node("n1", "dev-1a", "udvr")
+        # No keep-alive: the body is delimited by the close (never chunked to HTTP/1.0).
+        conn = await Conn.open(m)
+        await conn.send(b"GET /bytes/100000 HTTP/1.0\r\nHost: udvr\r\n\r\n")
+        _status, headers = await conn.head()
+        assert ("transfer-encoding", "chunked") not in headers
+        assert await conn.rest() == b"x" * 100_000
+        # Keep-alive asked for: the connection carries a second request.
+        conn = await Conn.open(m)
+        for _ in range(2):
+            await conn.send(head("GET / HTTP/1.0", "Host: udvr", "Connection: keep-alive"))
+            assert (await conn.response()).body == b"n1-udvr-0\n"
+        await conn.aclose()
+
+
 # --- 2. keep-alive --------------------------------------------------------------------------
 
 
@@ -412,6 +452,10 @@ async def test_pooled_connection_closed_by_upstream_is_never_an_error(
     requests = [small_post, get("/1", "flaky"), small_post, get("/2", "flaky")]
     if not on_next_request:
         requests += [big_post, big_post]
+
+    async def hung_up(n: int) -> None:
+        await until(lambda: server.closed == n)
+
     async with mesh(tmp_path) as m:
         await raw_service(m, "flaky", server)
         conn = await Conn.open(m)
@@ -420,7 +464,7 @@ async def test_pooled_connection_closed_by_upstream_is_never_an_error(
             reply = await conn.response()
             assert (reply.status, reply.body) == (200, b"ok\n"), i
             if not on_next_request:
-                await until(lambda i=i: server.closed == i + 1)
+                await hung_up(i + 1)
         await conn.aclose()
         assert m.agent.proxy.stats.refused == {}
 
@@ -446,8 +490,8 @@ async def test_content_length_and_chunked_uploads_echo(tmp_path: Path) -> None:
             r = await c.post("/echo", headers={"Host": "udvr"}, content=pieces())
             assert r.request.headers["transfer-encoding"] == "chunked"
             assert r.content == payload
-        # A hand-made chunked body with extensions, whole and one byte at a time.
-        body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        # A hand-made chunked body with an extension and a trailer, whole and byte by byte.
+        body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 1\r\n\r\n"
         start = head("POST /echo HTTP/1.1", "Host: udvr", "Transfer-Encoding: chunked")
         conn = await Conn.open(m)
         await conn.send(start + body)
@@ -614,6 +658,23 @@ async def test_hop_by_hop_headers_are_removed(tmp_path: Path) -> None:
         assert names.isdisjoint({"connection", "x-foo", "keep-alive", "proxy-authorization",
                                  "proxy-connection", "te", "upgrade"}), got  # fmt: skip
         assert ("x-kept", "yes") in got
+
+
+@trio_test(10)
+async def test_response_hop_by_hop_headers_are_removed(tmp_path: Path) -> None:
+    response = (b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\n"
+                b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Kept: yes\r\n"
+                b"Content-Length: 3\r\n\r\nok\n")  # fmt: skip
+    async with mesh(tmp_path) as m:
+        await raw_service(m, "hop", answering(response, response))
+        conn = await Conn.open(m)
+        for _ in range(2):
+            await conn.send(get("/", "hop"))
+            reply = await conn.response()
+            names = {k for k, _ in reply.headers}
+            assert names.isdisjoint({"x-secret", "keep-alive", "proxy-authenticate", "connection"})
+            assert (reply.header("x-kept"), reply.body) == ("yes", b"ok\n")
+        await conn.aclose()
 
 
 @trio_test(10)
@@ -818,6 +879,12 @@ ABUSE = [
     ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "bad-request-line"),
     ("lowercase-version", head("GET / http/1.1", "Host: udvr"), 400, "bad-request-line"),
     ("missing-host", head("GET / HTTP/1.1"), 400, "missing-host"),
+    ("te-in-http-1.0", head("POST /echo HTTP/1.0", "Host: udvr", "Transfer-Encoding: chunked")
+     + b"0\r\n\r\n", 400, "bad-framing"),
+    ("userinfo-in-uri", head("GET http://user:pw@udvr/ HTTP/1.1", "Host: udvr"),
+     400, "bad-request-target"),
+    ("asterisk-target", head("OPTIONS * HTTP/1.1", "Host: udvr"), 400, "bad-request-target"),
+    ("https-uri", head("GET https://udvr/ HTTP/1.1", "Host: udvr"), 501, "unsupported-method"),
     ("connect", head("CONNECT udvr:443 HTTP/1.1", "Host: udvr:443"), 501, "unsupported-method"),
     ("bad-expect", head("POST /echo HTTP/1.1", "Host: udvr", "Content-Length: 2",
                         "Expect: 200-ok") + b"hi", 417, "bad-expect"),
@@ -921,24 +988,20 @@ async def test_client_disconnecting_mid_body(tmp_path: Path) -> None:
         assert backend.paths == ["/count", "/"]
 
 
-def answer_then_hang_up(response: bytes) -> Handler:
-    async def handler(stream: trio.SocketStream) -> None:
-        if await read_request(stream, bytearray()) is not None:
-            await stream.send_all(response)
-
-    return handler
-
-
 @trio_test(20)
 async def test_clients_resetting_mid_upload_do_not_fail_the_upstream(tmp_path: Path) -> None:
     async with mesh(tmp_path) as m:
         backends = await m.add_node("n1", "dev-1a", "udvr", 2)
         stats = m.agent.proxy.stats
+
+        async def arrived(n: int) -> None:
+            await until(lambda: sum(b.hits for b in backends) == n)
+
         for i in range(12):  # more than the 5 consecutive failures that eject an instance
             conn = await Conn.open(m)
             await conn.send(head("POST /count HTTP/1.1", "Host: udvr",
                                  f"Content-Length: {MB}") + b"x" * 200_000)  # fmt: skip
-            await until(lambda i=i: sum(b.hits for b in backends) == i + 1)  # body streaming
+            await arrived(i + 1)  # the proxy is streaming the body
             conn.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await conn.aclose()  # RST
         await until(lambda: stats.open_connections == 0 and stats.upstream_connections == 0)
@@ -946,18 +1009,6 @@ async def test_clients_resetting_mid_upload_do_not_fail_the_upstream(tmp_path: P
         text = await metrics(m)
         assert metric_sum(text, "hostmesh_proxy_instance_failures_total") == 0
         assert metric_sum(text, "hostmesh_proxy_ejections_total") == 0
-
-
-async def metrics(m: Mesh) -> str:
-    host, port = m.addrs.api
-    async with httpx.AsyncClient() as client:
-        return (await client.get(f"http://{host}:{port}/metrics")).text
-
-
-def metric_sum(text: str, name: str) -> float:
-    """The sum of a metric's samples over all label sets (0 when it has none)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + "{", name + " ")))  # fmt: skip
 
 
 # Upstream answers the proxy must not pass on as if they were valid.
