@@ -100,6 +100,7 @@ class Head:
     status: int  # response only (0 for requests)
     fields: list[tuple[bytes, bytes]]  # (lowercase name, value)
     lines: list[bytes]
+    framing: tuple[str, int] | None = None  # body_framing()'s answer, once a caller asked
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of field ``name`` (lowercase), or None."""
@@ -192,6 +193,13 @@ def body_framing(head: Head, *, status_error: int = 400) -> Framing:
         HttpError: with ``status_error`` (400 for requests, 502 for responses),
         or 501 for a request with an unsupported transfer coding.
     """
+    if head.framing is not None:
+        return head.framing
+    head.framing = _body_framing(head, status_error)
+    return head.framing
+
+
+def _body_framing(head: Head, status_error: int) -> Framing:
     te: list[bytes] = []
     cl: list[bytes] = []
     for k, v in head.fields:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import trio
 
+from ._deadline import Deadline
+
 __all__ = ["CHECKPOINT_EVERY", "RECV_SIZE", "ConnectError", "Pool", "Stream", "connect"]
 
 #: Bytes asked of the kernel per read; 64 KiB moves bulk bodies in few syscalls.
@@ -45,13 +47,22 @@ class Stream:
         self.reused = False  # taken from a pool at least once
         self.idle_since = 0.0
 
-    async def fill(self) -> bool:
-        """Read what is available (waiting if nothing is) into ``buf``; False at EOF."""
+    async def fill(self, dl: Deadline | None = None, *, wait_first: bool = False) -> bool:
+        """Read what is available (waiting if nothing is) into ``buf``; False at EOF.
+
+        ``wait_first`` skips the first, speculative read when the peer cannot
+        have answered yet (just after sending it a request or a response).
+
+        Raises:
+            DeadlineExceeded: ``dl`` passed while waiting.
+        """
+        if wait_first:
+            await self._wait(dl)
         while True:
             try:
                 data = self.sock.recv(RECV_SIZE)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                await self._wait(dl)
                 continue
             if not data:
                 self.eof = True
@@ -59,7 +70,7 @@ class Stream:
             self.buf += data
             return True
 
-    async def recv(self) -> bytes:
+    async def recv(self, dl: Deadline | None = None) -> bytes:
         """The buffered bytes, or the next read from the socket (b"" at EOF)."""
         if self.buf:
             data = bytes(self.buf)
@@ -69,13 +80,13 @@ class Stream:
             try:
                 data = self.sock.recv(RECV_SIZE)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                await self._wait(dl)
                 continue
             if not data:
                 self.eof = True
             return data
 
-    async def send(self, data: bytes | bytearray | memoryview) -> None:
+    async def send(self, data: bytes | bytearray | memoryview, dl: Deadline | None = None) -> None:
         """Send all of ``data``, waiting for the socket to drain as needed."""
         try:
             sent = self.sock.send(data)
@@ -88,9 +99,17 @@ class Stream:
             try:
                 sent = self.sock.send(view)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+                await self._wait(dl, writable=True)
                 continue
             view = view[sent:]
+
+    async def _wait(self, dl: Deadline | None, *, writable: bool = False) -> None:
+        if dl is not None:
+            await dl.wait(self.sock, writable=writable)
+        elif writable:
+            await trio.lowlevel.wait_writable(self.sock)
+        else:
+            await trio.lowlevel.wait_readable(self.sock)
 
     def shutdown_write(self) -> None:
         """Half-close: tell the peer we are done sending."""
@@ -113,11 +132,12 @@ class Stream:
         self.sock.close()
 
 
-async def connect(host: str, port: int) -> Stream:
-    """Open a TCP connection (no timeout here: the caller's cancel scope bounds it).
+async def connect(host: str, port: int, dl: Deadline | None = None) -> Stream:
+    """Open a TCP connection, bounded by ``dl`` or the caller's cancel scope.
 
     Raises:
         ConnectError: refused, unreachable or reset while connecting.
+        DeadlineExceeded: ``dl`` passed first.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -126,7 +146,10 @@ async def connect(host: str, port: int) -> Stream:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex((host, port))
         if err == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(sock)
+            if dl is not None:
+                await dl.wait(sock, writable=True)
+            else:
+                await trio.lowlevel.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise ConnectError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
@@ -174,7 +197,7 @@ class Pool:
             self.discard(conn)
         return None
 
-    async def open(self, host: str, port: int) -> Stream:
+    async def open(self, host: str, port: int, dl: Deadline | None = None) -> Stream:
         """A new connection counted against the upstream's cap.
 
         Raises:
@@ -183,7 +206,7 @@ class Pool:
         key = (host, port)
         if self._open.get(key, 0) >= self.max_per_upstream:
             raise ConnectError(errno.EAGAIN, f"{host}:{port}: connection pool full")
-        conn = await connect(host, port)
+        conn = await connect(host, port, dl)
         self._open[key] = self._open.get(key, 0) + 1
         self._on_open(1)
         return conn

@@ -22,6 +22,7 @@ overloaded, 504 timeout.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import socket
@@ -34,6 +35,7 @@ import trio
 from hostmesh._config import ProxyConfig
 from hostmesh._log import get_logger
 
+from ._deadline import Deadline, DeadlineExceeded, Timer
 from ._http1 import (
     HOP_BY_HOP,
     MAX_HEAD_BYTES,
@@ -147,6 +149,7 @@ class Proxy:
         )
         self._clock = clock
         self._sem_free = config.max_connections
+        self.timer = Timer()  # every client connection's deadline
 
     def _count_upstream(self, delta: int) -> None:
         self.stats.upstream_connections += delta
@@ -167,6 +170,7 @@ class Proxy:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expire_idle)
+                nursery.start_soon(self.timer.run)
                 task_status.started(listener.getsockname()[:2])
                 while True:
                     await trio.lowlevel.wait_readable(listener)
@@ -207,27 +211,33 @@ class Proxy:
     async def _client(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = Stream(sock)
+        dl = self.timer.deadline()
         self.stats.open_connections += 1
         try:
             first = True
             while True:
-                head = await self._read_head(client, first)
+                head = await self._read_head(client, dl, first)
                 if head is None:
                     return
                 first = False
-                if not await self._exchange(client, head, peer):
+                if not await self._exchange(client, dl, head, peer):
                     return
         except HttpError as exc:
             self._refuse(exc.reason)
-            with contextlib.suppress(OSError):
-                await client.send(error_response(exc.status, exc.reason, exc.detail, close=True))
+            dl.after(self.config.header_timeout)  # a client that does not read its error
+            with contextlib.suppress(OSError, DeadlineExceeded):
+                await client.send(error_response(exc.status, exc.reason, exc.detail, close=True),
+                                  dl)  # fmt: skip
         except OSError:
             self._refuse("client-reset")
+        except DeadlineExceeded:
+            self._refuse("client-timeout")
         finally:
             self.stats.open_connections -= 1
+            dl.close()
             client.close()
 
-    async def _read_head(self, client: Stream, first: bool) -> bytes | None:
+    async def _read_head(self, client: Stream, dl: Deadline, first: bool) -> bytes | None:
         """The next request head, or None when the client is done (EOF or idle).
 
         Raises:
@@ -235,11 +245,11 @@ class Proxy:
         """
         cfg = self.config
         idle = not client.buf
-        with trio.CancelScope() as scope:
-            scope.deadline = trio.current_time() + (
-                cfg.idle_timeout if idle else cfg.header_timeout
-            )
-            searched = 0
+        dl.after(cfg.idle_timeout if idle else cfg.header_timeout)
+        # Just after a response the next request cannot be here yet: wait before reading.
+        wait_first = idle and not first
+        searched = 0
+        try:
             while True:
                 end = client.buf.find(b"\r\n\r\n", max(0, searched - 3))
                 if end >= 0:
@@ -255,16 +265,18 @@ class Proxy:
                         if client.buf.find(b"\r\n") < 0
                         else HttpError(431, "headers-too-large", "request headers too large")
                     )
-                if not await client.fill():
+                if not await client.fill(dl, wait_first=wait_first):
                     if client.buf:
                         raise HttpError(400, "incomplete-request", "connection closed mid-head")
                     return None
+                wait_first = False
                 if idle:
                     idle = False
-                    scope.deadline = trio.current_time() + cfg.header_timeout
-        if idle and not client.buf:
-            return None  # an idle keep-alive connection: close quietly
-        raise HttpError(408, "header-timeout", "request headers not received in time")
+                    dl.after(cfg.header_timeout)
+        except DeadlineExceeded:
+            if idle and not client.buf:
+                return None  # an idle keep-alive connection: close quietly
+            raise HttpError(408, "header-timeout", "request headers not received in time") from None
 
     def _destination(self, req: Head) -> tuple[bytes, bytes]:
         """(service name, origin-form target) of a request."""
@@ -324,7 +336,7 @@ class Proxy:
             lines.append(b"Upgrade: " + (req.get(b"upgrade") or b""))
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    async def _exchange(self, client: Stream, head_bytes: bytes, peer: str) -> bool:
+    async def _exchange(self, client: Stream, dl: Deadline, head_bytes: bytes, peer: str) -> bool:
         """Proxy one request; True when the client connection may carry another."""
         req = parse_request_head(head_bytes)
         service, path = self._destination(req)
@@ -343,44 +355,62 @@ class Proxy:
             state = self.router.route(service.decode("ascii", "replace"), method,
                                       path.decode("latin-1"), req.fields, now)  # fmt: skip
         except HttpError as exc:
-            return await self._refuse_request(client, exc, framing, length, client_close)
+            return await self._refuse_request(client, dl, exc, framing, length, client_close)
         # A body held whole can be replayed on a retry; a larger one streams once.
         body: bytes | None = None
         if framing == "none":
             body = b""
         elif framing == "length" and length <= REPLAY_BUFFER and expect is None:
-            while len(client.buf) < length:
-                if not await client.fill():
-                    raise HttpError(400, "incomplete-request", "connection closed mid-body")
+            if len(client.buf) < length:
+                await self._read_small_body(client, dl, length)
             body = bytes(client.buf[:length])
             del client.buf[:length]
         try:
             state.admit(now)
         except HttpError as exc:
-            return await self._refuse_request(client, exc, framing, length - len(body or b""),
+            return await self._refuse_request(client, dl, exc, framing,
+                                              length - len(body or b""),
                                               client_close and body is not None)  # fmt: skip
         try:
-            return await self._forward(client, req, state, path, peer, body, framing, length,
+            return await self._forward(client, dl, req, state, path, peer, body, framing, length,
                                        client_close=client_close, upgrade=upgrade,
                                        expect=expect is not None)  # fmt: skip
         finally:
             state.release()
 
-    async def _refuse_request(self, client: Stream, exc: HttpError, framing: str, length: int,
-                              client_close: bool) -> bool:  # fmt: skip
+    async def _read_small_body(self, client: Stream, dl: Deadline, length: int) -> None:
+        """Read until ``client.buf`` holds ``length`` bytes, within ``idle_timeout``.
+
+        Raises:
+            HttpError: 400 the client closed first, 408 it was too slow.
+        """
+        dl.after(self.config.idle_timeout)
+        try:
+            while len(client.buf) < length:
+                if not await client.fill(dl):
+                    raise HttpError(400, "incomplete-request", "connection closed mid-body")
+        except DeadlineExceeded:
+            raise HttpError(408, "body-timeout", "request body not received in time") from None
+
+    async def _refuse_request(self, client: Stream, dl: Deadline, exc: HttpError, framing: str,
+                              length: int, client_close: bool) -> bool:  # fmt: skip
         """Answer an error before the body was read; keep the connection if it can be."""
         self._refuse(exc.reason)
         keep = not client_close and framing in ("none", "length") and length <= REPLAY_BUFFER
+        if keep and framing == "length" and len(client.buf) < length:
+            # Skip a small body so that the next request parses.
+            try:
+                await self._read_small_body(client, dl, length)
+            except HttpError:
+                return False
         if keep and framing == "length":
-            while len(client.buf) < length:  # skip a small body so the next request parses
-                if not await client.fill():
-                    return False
             del client.buf[:length]
-        await client.send(error_response(exc.status, exc.reason, exc.detail, close=not keep))
+        dl.after(self.config.header_timeout)
+        await client.send(error_response(exc.status, exc.reason, exc.detail, close=not keep), dl)
         return keep
 
-    async def _forward(self, client: Stream, req: Head, state: RouteState, path: bytes,
-                       peer: str, body: bytes | None, framing: str, length: int, *,
+    async def _forward(self, client: Stream, dl: Deadline, req: Head, state: RouteState,
+                       path: bytes, peer: str, body: bytes | None, framing: str, length: int, *,
                        client_close: bool, upgrade: bool, expect: bool) -> bool:  # fmt: skip
         route = state.route
         policy = route.retries
@@ -389,7 +419,7 @@ class Proxy:
             req.method.decode("ascii"), body_replayable=True
         )
         start = self._clock()
-        deadline = trio.current_time() + route.timeout if route.timeout > 0 else float("inf")
+        deadline = trio.current_time() + route.timeout if route.timeout > 0 else math.inf
         tried: set[str] = set()
         retries = 0
         state.deposit(start)
@@ -400,17 +430,14 @@ class Proxy:
             if route.per_try_timeout > 0:
                 try_deadline = min(deadline, trio.current_time() + route.per_try_timeout)
             t0 = self._clock()
-            upstream: Stream | None = None
+            dl.set(try_deadline)
             try:
-                with trio.move_on_at(try_deadline) as scope:
-                    upstream, resp = await self._attempt(
-                        client, endpoint, head, body, framing, length, expect, req
-                    )
-                if scope.cancelled_caught:
-                    raise _Attempt(504, "timeout", "upstream timed out", connected=True)
+                try:
+                    upstream, resp = await self._attempt(client, dl, endpoint, head, body,
+                                                         framing, length, expect)  # fmt: skip
+                except DeadlineExceeded:  # the attempt discarded its connection
+                    raise _Attempt(504, "timeout", "upstream timed out", connected=True) from None
             except _Attempt as failure:
-                if upstream is not None:
-                    self.pool.discard(upstream)
                 state.finish(endpoint, False, self._clock() - t0, self._clock())
                 timed_out_total = trio.current_time() >= deadline
                 can_retry = (
@@ -432,10 +459,10 @@ class Proxy:
                 state.count_response(failure.status, self._clock() - start)
                 self._refuse(failure.reason)
                 keep = not client_close and body is not None
+                dl.after(self.config.header_timeout)
                 await client.send(error_response(failure.status, failure.reason, failure.detail,
-                                                 close=not keep))  # fmt: skip
+                                                 close=not keep), dl)  # fmt: skip
                 return keep
-            assert upstream is not None
             status = resp.status
             state.finish(endpoint, status < 500, self._clock() - t0, self._clock())
             exhausted = False
@@ -450,13 +477,13 @@ class Proxy:
                     self.pool.discard(upstream)  # its response body is not read
                     continue
                 exhausted = True
-            return await self._respond(client, upstream, req, resp, state, start,
+            return await self._respond(client, dl, upstream, req, resp, state, start,
                                        client_close=client_close, upgrade=upgrade,
                                        exhausted=exhausted)  # fmt: skip
 
-    async def _attempt(self, client: Stream, endpoint: Endpoint, head: bytes,
-                       body: bytes | None, framing: str, length: int, expect: bool,
-                       req: Head) -> tuple[Stream, Head]:  # fmt: skip
+    async def _attempt(self, client: Stream, dl: Deadline, endpoint: Endpoint, head: bytes,
+                       body: bytes | None, framing: str, length: int,
+                       expect: bool) -> tuple[Stream, Head]:  # fmt: skip
         """Send the request on a pooled or new connection and read the response head.
 
         A reused connection that fails before any response byte is retried
@@ -465,18 +492,15 @@ class Proxy:
 
         Raises:
             _Attempt: connect failure, reset, or a malformed response.
+            DeadlineExceeded: ``dl`` (the try's deadline) passed.
         """
         for fresh in (False, True):
             upstream = None if fresh else self.pool.take_idle(endpoint.key, self._clock())
             if upstream is None:
-                try:
-                    upstream = await self.pool.open(endpoint.host, endpoint.port)
-                except ConnectError as exc:
-                    raise _Attempt(502, "connect-failed", f"connect to {endpoint.id} failed: "
-                                   f"{exc.strerror or exc}", connected=False) from None  # fmt: skip
+                upstream = await self._connect(dl, endpoint)
             try:
-                got = await self._send_and_read(client, upstream, head, body, framing, length,
-                                                expect)  # fmt: skip
+                got = await self._send_and_read(client, dl, upstream, head, body, framing,
+                                                length, expect)  # fmt: skip
             except HttpError as exc:
                 self.pool.discard(upstream)
                 if exc.status >= 500:
@@ -495,33 +519,59 @@ class Proxy:
                                f"{endpoint.id} closed the connection", connected=True)  # fmt: skip
         raise AssertionError("unreachable")
 
-    async def _send_and_read(self, client: Stream, upstream: Stream, head: bytes,
+    async def _connect(self, dl: Deadline, endpoint: Endpoint) -> Stream:
+        """A new connection to ``endpoint`` within ``connect_timeout`` (and ``dl``).
+
+        Raises:
+            _Attempt: refused, unreachable, pool full, or connect_timeout passed.
+            DeadlineExceeded: ``dl`` passed first.
+        """
+        try_deadline = dl.at
+        dl.set(min(try_deadline, trio.current_time() + self.config.connect_timeout))
+        try:
+            upstream = await self.pool.open(endpoint.host, endpoint.port, dl)
+        except ConnectError as exc:
+            raise _Attempt(502, "connect-failed", f"connect to {endpoint.id} failed: "
+                           f"{exc.strerror or exc}", connected=False) from None  # fmt: skip
+        except DeadlineExceeded:
+            if trio.current_time() >= try_deadline:
+                raise
+            raise _Attempt(502, "connect-failed", f"connect to {endpoint.id} timed out",
+                           connected=False) from None  # fmt: skip
+        dl.set(try_deadline)
+        return upstream
+
+    async def _send_and_read(self, client: Stream, dl: Deadline, upstream: Stream, head: bytes,
                              body: bytes | None, framing: str, length: int,
                              expect: bool) -> Head | None:  # fmt: skip
         """Send one request and read its response head (None: closed before one)."""
         if body is not None:
             if len(body) < 16384:
-                await upstream.send(head + body)
+                await upstream.send(head + body, dl)
             else:
-                await upstream.send(head)
-                await upstream.send(body)
-            return await self._read_response_head(upstream)
-        await upstream.send(head)
+                await upstream.send(head, dl)
+                await upstream.send(body, dl)
+            return await self._read_response_head(upstream, dl, wait_first=True)
+        await upstream.send(head, dl)
         if expect:
             interim: Head | None = None
             with trio.move_on_after(EXPECT_CONTINUE_WAIT) as wait:
-                interim = await self._read_response_head(upstream)
+                interim = await self._read_response_head(upstream, dl, wait_first=True)
             if not wait.cancelled_caught and (interim is None or interim.status != 100):
                 return interim  # a final answer without the body (417, 401, ...)
-            await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        await self._stream_body(client, upstream, framing, length)
-        got = await self._read_response_head(upstream)
+            await client.send(b"HTTP/1.1 100 Continue\r\n\r\n", dl)
+        await self._stream_body(client, upstream, dl, framing, length)
+        got = await self._read_response_head(upstream, dl)
         while expect and got is not None and got.status == 100:  # late, after our own 100
-            got = await self._read_response_head(upstream)
+            got = await self._read_response_head(upstream, dl)
         return got
 
-    async def _read_response_head(self, upstream: Stream) -> Head | None:
-        """The next response head (100 and 101 included), or None if the upstream closed first."""
+    async def _read_response_head(self, upstream: Stream, dl: Deadline, *,
+                                  wait_first: bool = False) -> Head | None:  # fmt: skip
+        """The next response head (100 and 101 included), or None if the upstream closed first.
+
+        ``wait_first``: the request was just sent, so nothing can be there to read yet.
+        """
         while True:
             end = upstream.buf.find(b"\r\n\r\n")
             if end >= 0:
@@ -539,33 +589,38 @@ class Proxy:
                 return resp
             if len(upstream.buf) > MAX_HEAD_BYTES:
                 raise HttpError(502, "bad-upstream-response", "upstream head too large")
-            if not await upstream.fill():
+            filled = await upstream.fill(dl, wait_first=wait_first and not upstream.buf)
+            wait_first = False
+            if not filled:
                 if upstream.buf:
                     raise HttpError(502, "bad-upstream-response", "upstream closed mid-head")
                 return None
 
-    async def _stream_body(self, client: Stream, upstream: Stream, framing: str,
+    async def _stream_body(self, client: Stream, upstream: Stream, dl: Deadline, framing: str,
                            length: int) -> None:  # fmt: skip
-        """Forward the client's request body (not held in memory) upstream."""
+        """Forward the client's request body (not held in memory) upstream, within ``dl``."""
         if framing == "length":
-            await _copy_length(client, upstream, length, "request")
+            await _copy_length(client, upstream, length, "request", dl)
         elif framing == "chunked":
-            await _copy_chunked(client, upstream, "request")
+            await _copy_chunked(client, upstream, "request", dl)
 
-    async def _respond(self, client: Stream, upstream: Stream, req: Head, resp: Head,
-                       state: RouteState, start: float, *, client_close: bool, upgrade: bool,
-                       exhausted: bool) -> bool:  # fmt: skip
-        """Forward the response head and body; True if both sides stay open."""
+    async def _respond(self, client: Stream, dl: Deadline, upstream: Stream, req: Head,
+                       resp: Head, state: RouteState, start: float, *, client_close: bool,
+                       upgrade: bool, exhausted: bool) -> bool:  # fmt: skip
+        """Forward the response head and body; True if both sides stay open.
+
+        The route's timeout ends with the response head; from here each read or
+        write of the body may stall up to ``idle_timeout``.
+        """
         framing, length = response_framing(resp, req.method)
         tokens = resp.connection_tokens() if resp.get(b"connection") is not None else set()
         upstream_close = b"close" in tokens or resp.version == b"HTTP/1.0" or framing == "close"
         switching = upgrade and resp.status == 101
         close = client_close or framing == "close"
-        lines = [resp.start]
         drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
-        for (name, _value), line in zip(resp.fields, resp.lines, strict=True):
-            if name not in drop:
-                lines.append(line)
+        lines = [resp.start]
+        lines += [line for (name, _), line in zip(resp.fields, resp.lines, strict=True)
+                  if name not in drop]  # fmt: skip
         if switching:
             lines.append(b"Connection: Upgrade")
             lines.append(b"Upgrade: " + (resp.get(b"upgrade") or b""))
@@ -576,9 +631,18 @@ class Proxy:
         if exhausted:  # a retryable status we could not retry: say why it is passed on
             lines.append(b"hostmesh-error: retry-budget-exhausted")
             self._refuse("retry-budget-exhausted")
-        await client.send(b"\r\n".join(lines) + b"\r\n\r\n")
+        out = b"\r\n".join(lines) + b"\r\n\r\n"
+        stall = self.config.idle_timeout
+        dl.after(stall)
+        if framing == "length" and 0 < length <= len(upstream.buf):
+            # The whole body came with the head (the usual small response): one write.
+            out += upstream.buf[:length]
+            del upstream.buf[:length]
+            length = 0
         state.count_response(resp.status, self._clock() - start)
         if switching:
+            await client.send(out, dl)
+            dl.clear()  # a tunnel lives as long as both ends want
             self.pool.detach(upstream)  # owned by the tunnel from here (discard closed it)
             self.stats.upstream_connections += 1
             try:
@@ -588,15 +652,20 @@ class Proxy:
                 upstream.close()
             return False
         try:
+            await client.send(out, dl)
             if framing == "length":
-                await _copy_length(upstream, client, length, "response")
+                await _copy_length(upstream, client, length, "response", dl, stall)
             elif framing == "chunked":
-                await _copy_chunked(upstream, client, "response")
+                await _copy_chunked(upstream, client, "response", dl, stall)
             elif framing == "close":
-                await _copy_until_eof(upstream, client)
+                await _copy_until_eof(upstream, client, dl, stall)
         except HttpError as exc:  # the head is out: cut the client off, never answer twice
             self.pool.discard(upstream)
             self._refuse(exc.reason)
+            return False
+        except DeadlineExceeded:
+            self.pool.discard(upstream)
+            self._refuse("body-timeout")
             return False
         except BaseException:
             self.pool.discard(upstream)
@@ -608,32 +677,42 @@ class Proxy:
         return not close and not upgrade
 
 
-async def _copy_length(src: Stream, dst: Stream, length: int, what: str) -> None:
-    """Forward exactly ``length`` bytes from ``src`` to ``dst``."""
+async def _copy_length(src: Stream, dst: Stream, length: int, what: str,
+                       dl: Deadline | None = None, stall: float = 0) -> None:  # fmt: skip
+    """Forward exactly ``length`` bytes from ``src`` to ``dst``.
+
+    Waits are bounded by ``dl``; with ``stall`` each read and write may take
+    that long (``dl`` re-armed per piece), else ``dl`` bounds the whole copy.
+    """
     left = length
     n = 0
     while left > 0:
+        if stall and dl is not None:
+            dl.after(stall)
         if src.buf:
             chunk = bytes(src.buf[:left])
             del src.buf[: len(chunk)]
         else:
-            chunk = await _recv(src, what)
+            chunk = await _recv(src, what, dl)
             if len(chunk) > left:
                 src.buf += chunk[left:]
                 chunk = chunk[:left]
         left -= len(chunk)
-        await dst.send(chunk)
+        await dst.send(chunk, dl)
         n += 1
         if n % CHECKPOINT_EVERY == 0:
             await trio.lowlevel.checkpoint()
 
 
-async def _copy_chunked(src: Stream, dst: Stream, what: str) -> None:
-    """Forward a chunked body, untouched, up to its end."""
+async def _copy_chunked(src: Stream, dst: Stream, what: str, dl: Deadline | None = None,
+                        stall: float = 0) -> None:  # fmt: skip
+    """Forward a chunked body, untouched, up to its end (``dl``, ``stall``: as above)."""
     scanner = ChunkedScanner()
     n = 0
     while not scanner.done:
-        chunk = await _recv(src, what)
+        if stall and dl is not None:
+            dl.after(stall)
+        chunk = await _recv(src, what, dl)
         try:
             used = scanner.feed(chunk)
         except HttpError as exc:
@@ -643,29 +722,32 @@ async def _copy_chunked(src: Stream, dst: Stream, what: str) -> None:
         if used < len(chunk):
             src.buf += chunk[used:]
             chunk = chunk[:used]
-        await dst.send(chunk)
+        await dst.send(chunk, dl)
         n += 1
         if n % CHECKPOINT_EVERY == 0:
             await trio.lowlevel.checkpoint()
 
 
-async def _copy_until_eof(src: Stream, dst: Stream) -> None:
+async def _copy_until_eof(src: Stream, dst: Stream, dl: Deadline | None = None,
+                          stall: float = 0) -> None:  # fmt: skip
     n = 0
     while True:
-        chunk = await src.recv()
+        if stall and dl is not None:
+            dl.after(stall)
+        chunk = await src.recv(dl)
         if not chunk:
             return
-        await dst.send(chunk)
+        await dst.send(chunk, dl)
         n += 1
         if n % CHECKPOINT_EVERY == 0:
             await trio.lowlevel.checkpoint()
 
 
-async def _recv(src: Stream, what: str) -> bytes:
+async def _recv(src: Stream, what: str, dl: Deadline | None = None) -> bytes:
     """The next piece of a body. EOF or a reset ends it early: the sender's
     fault (:func:`_closed`), never blamed on the other side."""
     try:
-        chunk = await src.recv()
+        chunk = await src.recv(dl)
     except OSError:
         chunk = b""
     if not chunk:

@@ -948,6 +948,66 @@ async def test_slow_client_gets_408(tmp_path: Path) -> None:
 
 
 @trio_test(10)
+async def test_an_upstream_stalling_mid_body_is_cut_after_the_idle_timeout(tmp_path: Path) -> None:
+    cfg = ProxyConfig(bind="127.0.0.1:0", idle_timeout=0.5)
+    async with mesh(tmp_path, proxy=cfg) as m:
+        await m.add_node("n1", "dev-1a", "udvr")
+
+        async def stall(stream: trio.SocketStream) -> None:
+            if await read_request(stream, bytearray()) is not None:
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                await trio.sleep_forever()
+
+        await raw_service(m, "stall", stall)
+        conn = await Conn.open(m)
+        await conn.send(get("/", "stall"))
+        t0 = trio.current_time()
+        status, _ = await conn.head()
+        assert status == 200
+        assert await conn.rest() == b"0123456789"  # then the proxy hangs up
+        assert 0.4 < trio.current_time() - t0 < 2
+        await conn.aclose()
+        assert m.agent.proxy.stats.refused == {"body-timeout": 1}
+        await until(lambda: m.agent.proxy.stats.upstream_connections == 0)
+        await serves(m)
+
+
+@trio_test(10)
+async def test_an_unanswered_connect_fails_over_after_the_connect_timeout(tmp_path: Path) -> None:
+    # A listener whose accept queue is full: Linux drops further SYNs, so a
+    # connect to it hangs, as to a host that went dark.
+    dark = socket.socket()
+    dark.bind(("127.0.0.1", 0))
+    dark.listen(0)
+    fillers = []
+    try:
+        while True:  # fill the queue until a connect no longer completes at once
+            s = socket.socket()
+            s.setblocking(False)
+            fillers.append(s)
+            if s.connect_ex(dark.getsockname()) != 0:
+                break
+        cfg = ProxyConfig(bind="127.0.0.1:0", connect_timeout=0.3)
+        async with mesh(tmp_path, proxy=cfg) as m:
+            await add_instance(m, "darkness", dark.getsockname()[1])
+            conn = await Conn.open(m)
+            t0 = trio.current_time()
+            await conn.send(get("/", "darkness"))
+            reply = await conn.response()
+            assert (reply.status, reply.header("hostmesh-error")) == (502, "connect-failed")
+            assert b"timed out" in reply.body
+            # Three tries (the default route retries connect failures twice), 0.3 s each.
+            assert 0.8 < trio.current_time() - t0 < 3
+            await conn.aclose()
+            await m.add_node("n1", "dev-1a", "udvr")
+            await serves(m)
+    finally:
+        for s in fillers:
+            s.close()
+        dark.close()
+
+
+@trio_test(10)
 async def test_connection_cap_refuses_the_extra_connection(tmp_path: Path) -> None:
     async with mesh(tmp_path, proxy=ProxyConfig(bind="127.0.0.1:0", max_connections=2)) as m:
         await m.add_node("n1", "dev-1a", "udvr")
