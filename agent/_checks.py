@@ -28,13 +28,18 @@ import signal
 import ssl
 import subprocess
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from .._config import MAX_CHECK_OUTPUT, CheckDefinition, parse_hostport
 from .._errors import ValidationError
 from ..catalog import Health
+
+if TYPE_CHECKING:
+    # Imported where an HTTP check runs: httpx (with the CLI it loads when
+    # click is installed) is the largest part of an agent's memory otherwise.
+    import httpx
 
 __all__ = [
     "HTTP_MAX_REDIRECTS",
@@ -232,6 +237,8 @@ class _TailBuffer:
 def _verifying_ssl_context() -> ssl.SSLContext:
     """The system/certifi trust store, loaded once per process and shared by all
     runners: loading it takes ~100 ms, which would stall the event loop per check."""
+    import httpx
+
     return httpx.create_ssl_context()
 
 
@@ -384,6 +391,8 @@ class CheckRunner:
             return Health.CRITICAL, f"check failed: {_one_line(exc)}"
 
     def _new_client(self) -> httpx.AsyncClient:
+        import httpx
+
         defn = self.definition
         if self._http_transport is not None:
             transport: httpx.AsyncBaseTransport = self._http_transport
@@ -404,6 +413,8 @@ class CheckRunner:
         )
 
     async def _probe_http(self, client: httpx.AsyncClient) -> tuple[Health, str]:
+        import httpx
+
         defn = self.definition
         headers = httpx.Headers(dict(defn.header))
         headers.setdefault("User-Agent", USER_AGENT)

@@ -11,15 +11,17 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ._config import load_service_file
 from ._errors import AgentUnreachableError, HostmeshError
+
+if TYPE_CHECKING:
+    import httpx  # imported by the commands that call an API, not by the daemons
 
 __all__ = ["app", "main"]
 
@@ -77,6 +79,8 @@ def _call(
     agent: str, method: str, path: str, *, timeout: float = CLI_TIMEOUT, **kwargs: Any
 ) -> httpx.Response:
     """One API call; non-2xx answers become a one-line error."""
+    import httpx
+
     url = _base_url(agent) + path
     try:
         with httpx.Client(timeout=timeout) as client:
