@@ -40,7 +40,12 @@ class DeadlineExceeded(Exception):
 
 
 class Deadline:
-    """When the current phase of one connection must end. Owned by that connection."""
+    """When the current phase of one connection must end. Owned by that connection.
+
+    Only the owner moves it while it may be blocked on it: a :meth:`set` from
+    elsewhere between the firing and the owner waking would clear ``fired``
+    and turn the wake-up into a plain :class:`trio.ClosedResourceError`.
+    """
 
     __slots__ = ("_armed", "_gen", "_timer", "at", "fired", "waiting")
 

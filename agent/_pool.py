@@ -70,6 +70,18 @@ class Stream:
             self.buf += data
             return True
 
+    def fill_nowait(self) -> bool:
+        """Read what the kernel holds into ``buf`` without waiting; True if anything came."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, OSError):
+            return False
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
     async def recv(self, dl: Deadline | None = None) -> bytes:
         """The buffered bytes, or the next read from the socket (b"" at EOF)."""
         if self.buf:

@@ -79,6 +79,12 @@ _MESH_PREFIX = b"hostmesh-"
 #: before the body is sent anyway (RFC 9110 §10.1.1: many servers never send
 #: one); curl's and Go's http.Transport's default is also 1 s.
 EXPECT_CONTINUE_WAIT = 1.0
+#: How long a draining proxy keeps an idle keep-alive connection open. A
+#: client that has just had an answer sends its next request within this;
+#: closing at once would race that request (RFC 9112 §9.6), which the client
+#: would see as a failure. Requests arriving meanwhile are answered, with
+#: ``Connection: close``.
+DRAIN_IDLE_GRACE = 1.0
 _TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -150,6 +156,10 @@ class Proxy:
         self._clock = clock
         self._sem_free = config.max_connections
         self.timer = Timer()  # every client connection's deadline
+        self.draining = False
+        self._accepting = trio.CancelScope()
+        self._idle: set[Deadline] = set()  # connections waiting for their next request
+        self._drained = trio.Event()  # set once draining and no connection is left
 
     def _count_upstream(self, delta: int) -> None:
         self.stats.upstream_connections += delta
@@ -172,25 +182,65 @@ class Proxy:
                 nursery.start_soon(self._expire_idle)
                 nursery.start_soon(self.timer.run)
                 task_status.started(listener.getsockname()[:2])
-                while True:
-                    await trio.lowlevel.wait_readable(listener)
-                    while True:  # drain the accept queue per wake-up
-                        try:
-                            sock, peer = listener.accept()
-                        except BlockingIOError:
-                            break
-                        except OSError as exc:  # EMFILE and friends: back off briefly
-                            _log.warning("proxy accept failed", error=exc)
-                            await trio.sleep(0.1)
-                            break
-                        if self.stats.open_connections >= self.config.max_connections:
-                            self.stats.connections_refused += 1
-                            self._reject_connection(sock)
-                            continue
-                        nursery.start_soon(self._client, sock, peer[0])
+                with self._accepting:
+                    await self._accept(listener, nursery)
+                listener.close()  # drain(): new connections are refused from here
         finally:
             listener.close()
             self.pool.close()
+
+    async def _accept(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept clients until cancelled (by :meth:`drain` or the agent's shutdown)."""
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            while True:  # drain the accept queue per wake-up
+                try:
+                    sock, peer = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # EMFILE and friends: back off briefly
+                    _log.warning("proxy accept failed", error=exc)
+                    await trio.sleep(0.1)
+                    break
+                if self.stats.open_connections >= self.config.max_connections:
+                    self.stats.connections_refused += 1
+                    self._reject_connection(sock)
+                    continue
+                nursery.start_soon(self._client, sock, peer[0])
+
+    async def drain(self) -> None:
+        """Stop accepting, finish requests in flight, close idle connections.
+
+        Responses from here carry ``Connection: close``; a connection waiting
+        for its next request is closed at once (and one whose request is
+        already in its socket gets it answered). Returns once no client
+        connection is left; the caller bounds it (``proxy.drain_timeout``)
+        and then cancels whatever is left.
+        """
+        self.begin_drain()
+        await self._drained.wait()
+
+    @property
+    def drained(self) -> bool:
+        """Draining, and no client connection left."""
+        return self._drained.is_set()
+
+    def begin_drain(self) -> None:
+        """The part of :meth:`drain` that does not wait (a second call does nothing).
+
+        Only the first call may move the idle deadlines: moving one again
+        between its firing and its owner waking would clear ``fired``.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        self._accepting.cancel()
+        close_at = trio.current_time() + DRAIN_IDLE_GRACE
+        for dl in list(self._idle):
+            if dl.at > close_at:
+                dl.set(close_at)  # an idle connection that times out closes quietly
+        if self.stats.open_connections == 0:
+            self._drained.set()
 
     def _reject_connection(self, sock: socket.socket) -> None:
         try:
@@ -234,8 +284,11 @@ class Proxy:
             self._refuse("client-timeout")
         finally:
             self.stats.open_connections -= 1
+            self._idle.discard(dl)
             dl.close()
             client.close()
+            if self.draining and self.stats.open_connections == 0:
+                self._drained.set()
 
     async def _read_head(self, client: Stream, dl: Deadline, first: bool) -> bytes | None:
         """The next request head, or None when the client is done (EOF or idle).
@@ -245,10 +298,14 @@ class Proxy:
         """
         cfg = self.config
         idle = not client.buf
+        if idle and self.draining:
+            return None  # draining: no new request on this connection
         dl.after(cfg.idle_timeout if idle else cfg.header_timeout)
         # Just after a response the next request cannot be here yet: wait before reading.
         wait_first = idle and not first
         searched = 0
+        if idle:
+            self._idle.add(dl)
         try:
             while True:
                 end = client.buf.find(b"\r\n\r\n", max(0, searched - 3))
@@ -265,18 +322,29 @@ class Proxy:
                         if client.buf.find(b"\r\n") < 0
                         else HttpError(431, "headers-too-large", "request headers too large")
                     )
-                if not await client.fill(dl, wait_first=wait_first):
+                try:
+                    more = await client.fill(dl, wait_first=wait_first)
+                except DeadlineExceeded:
+                    # Draining closes idle connections; one whose request is
+                    # already in the socket still gets it answered.
+                    if not (idle and self.draining and client.fill_nowait()):
+                        raise
+                    more = True
+                if not more:
                     if client.buf:
                         raise HttpError(400, "incomplete-request", "connection closed mid-head")
                     return None
                 wait_first = False
                 if idle:
                     idle = False
+                    self._idle.discard(dl)
                     dl.after(cfg.header_timeout)
         except DeadlineExceeded:
             if idle and not client.buf:
                 return None  # an idle keep-alive connection: close quietly
             raise HttpError(408, "header-timeout", "request headers not received in time") from None
+        finally:
+            self._idle.discard(dl)
 
     def _destination(self, req: Head) -> tuple[bytes, bytes]:
         """(service name, origin-form target) of a request."""
@@ -616,7 +684,7 @@ class Proxy:
         tokens = resp.connection_tokens() if resp.get(b"connection") is not None else set()
         upstream_close = b"close" in tokens or resp.version == b"HTTP/1.0" or framing == "close"
         switching = upgrade and resp.status == 101
-        close = client_close or framing == "close"
+        close = client_close or framing == "close" or self.draining
         drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
         lines = [resp.start]
         lines += [line for (name, _), line in zip(resp.fields, resp.lines, strict=True)

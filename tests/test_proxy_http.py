@@ -1008,6 +1008,40 @@ async def test_an_unanswered_connect_fails_over_after_the_connect_timeout(tmp_pa
 
 
 @trio_test(10)
+async def test_drain_answers_what_was_sent_and_closes_idle_connections(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        await m.add_node("n1", "dev-1a", "udvr")
+        idle, racing, busy = await Conn.open(m), await Conn.open(m), await Conn.open(m)
+        for conn in (idle, racing):
+            await conn.send(get())
+            assert (await conn.response()).status == 200  # now idle on keep-alive
+        await busy.send(get("/sleep/0.5"))
+        await trio.sleep(0.05)
+        m.agent.proxy.begin_drain()
+        # Sent before the proxy task hears of the drain: it must be answered.
+        os.write(racing.stream.socket.fileno(), get())
+        async with trio.open_nursery() as nursery:
+            done: list[bool] = []
+
+            async def drain() -> None:
+                with trio.move_on_after(5):
+                    await m.agent.proxy.drain()
+                done.append(m.agent.proxy.drained)
+
+            nursery.start_soon(drain)
+            for conn in (racing, busy):
+                reply = await conn.response()
+                assert (reply.status, reply.header("connection")) == (200, "close")
+                assert await conn.rest() == b""
+            assert await idle.rest() == b""  # closed without a word: it had asked nothing
+        assert done == [True]
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream(*m.addrs.proxy)  # no longer accepting
+        for conn in (idle, racing, busy):
+            await conn.aclose()
+
+
+@trio_test(10)
 async def test_connection_cap_refuses_the_extra_connection(tmp_path: Path) -> None:
     async with mesh(tmp_path, proxy=ProxyConfig(bind="127.0.0.1:0", max_connections=2)) as m:
         await m.add_node("n1", "dev-1a", "udvr")
