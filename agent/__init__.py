@@ -7,6 +7,7 @@ from ._checks import CheckRunner, CheckStatusMachine
 from ._consul import service_from_consul, service_to_consul
 from ._daemon import Agent, AgentAddresses
 from ._state import LocalState
+from ._sync import SyncClient, TrustBundle
 
 __all__ = [
     "Agent",
@@ -15,6 +16,8 @@ __all__ = [
     "CheckRunner",
     "CheckStatusMachine",
     "LocalState",
+    "SyncClient",
+    "TrustBundle",
     "service_from_consul",
     "service_to_consul",
 ]

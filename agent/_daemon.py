@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from hostmesh._config import (
@@ -28,10 +28,11 @@ from hostmesh._config import (
     load_service_file,
     parse_hostport,
 )
-from hostmesh._errors import ConfigError, HostmeshError, NotFoundError
+from hostmesh._errors import CertificateError, ConfigError, HostmeshError, NotFoundError
 from hostmesh._httpserver import HttpLimits, serve_http
 from hostmesh._log import get_logger
 from hostmesh._metrics import Registry
+from hostmesh._systemd import notifier
 from hostmesh.catalog import Catalog, Health, Node
 from hostmesh.catalog._gossip import DEFAULT_PORT, GossipNode, UdpTcpTransport
 from hostmesh.catalog._keyring import Keyring
@@ -42,7 +43,18 @@ from ._checks import CheckRunner
 from ._proxy import Proxy
 from ._routing import Router, build_snapshot
 from ._state import SOURCE_API, LocalState, Registration, atomic_write
+from ._sync import SyncClient, TrustBundle
 from ._tcpproxy import serve_tcp_upstream
+
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
+
+    from hostmesh._routes import TrafficPolicy
+    from hostmesh.catalog._syncproto import Applied
+
+    from ._certs import CertificateManager, NodeCertificate
 
 __all__ = ["Agent", "AgentAddresses"]
 
@@ -75,6 +87,9 @@ class Agent:
         config: the agent's configuration.
         wall_clock: wall time for record stamps (tests may pin it).
         http_transport: transport for HTTP checks (tests may inject one).
+        sync_tls: returns the SSL context with this node's certificate for the
+            server sync (agent/_certs.py); with ``servers`` configured, sync
+            retries until this is set (also later, as ``agent.sync_tls``).
     """
 
     def __init__(
@@ -83,6 +98,7 @@ class Agent:
         *,
         wall_clock: Callable[[], float] = time.time,
         http_transport: httpx.AsyncBaseTransport | None = None,
+        sync_tls: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         self.config = config
         self._wall_clock = wall_clock
@@ -115,6 +131,16 @@ class Agent:
         self.proxy = Proxy(config.proxy, self.router, domain=config.dns.domain)
         self._register_proxy_metrics()
         self.keyring = self._load_keyring()
+        self.sync_tls = sync_tls
+        self.certificates: CertificateManager | None = None  # the node certificate, if we join
+        self.trust = TrustBundle()  # CA roots and revocations pushed by the servers
+        self._synced_traffic: dict[str, TrafficPolicy] = {}  # config/traffic/<service>
+        self.sync: SyncClient | None = None
+        if config.servers:
+            self.sync = SyncClient(
+                config, self.catalog, lambda: self.state.record, self._sync_context,
+                on_change=self._on_sync_change, metrics=self.metrics,
+            )  # fmt: skip
         self._m_check_changes = self.metrics.counter(
             "hostmesh_check_status_changes_total", "Check status changes by new status", ("status",)
         )
@@ -164,12 +190,45 @@ class Agent:
             "event"), lambda: {(svc, k): v for svc, c in self.router.tcp.items()
                                for k, v in c.items()})  # fmt: skip
 
+    def _sync_context(self) -> ssl.SSLContext:
+        if self.sync_tls is None:
+            raise CertificateError("no node certificate for the server sync yet")
+        return self.sync_tls()
+
+    def _on_sync_change(self, applied: Applied) -> None:
+        """A server sent catalog, config or CA changes (or they were loaded from disk)."""
+        from hostmesh._config import from_mapping
+        from hostmesh._routes import TrafficPolicy
+
+        assert self.sync is not None
+        if applied.config:
+            traffic: dict[str, TrafficPolicy] = {}
+            for service, doc in self.sync.traffic_documents().items():
+                try:
+                    if not isinstance(doc, dict):
+                        raise TypeError(f"expected a table, got {type(doc).__name__}")
+                    traffic[service] = from_mapping(
+                        TrafficPolicy, doc, source=f"config/traffic/{service}"
+                    )
+                except (ConfigError, TypeError) as exc:
+                    log.warning("pushed traffic policy refused", service=service, error=str(exc))
+                    if service in self._synced_traffic:  # keep the last good one
+                        traffic[service] = self._synced_traffic[service]
+            self._synced_traffic = traffic
+        if applied.ca:
+            self.trust.update(*self.sync.trust())
+        if applied.config:
+            self.refresh_routes()  # the catalog index did not move: rebuild now
+        if applied.config or applied.catalog:
+            self.notify()
+
     def refresh_routes(self) -> None:
-        """Rebuild the routing snapshot from the catalog and the traffic config."""
+        """Rebuild the routing snapshot from the catalog and the traffic config (the
+        agent's own ``[traffic]``, with the servers' ``config/traffic/<service>`` over it)."""
         self.router.update(
             build_snapshot(
                 self.catalog,
-                self.config.traffic,
+                {**self.config.traffic, **self._synced_traffic},
                 self.config.az,
                 version=self.catalog.index,
                 only_passing=self.config.dns.only_passing,
@@ -265,6 +324,8 @@ class Agent:
         """Wake everything waiting for the catalog to change."""
         self._changed.set()
         self._changed = trio.Event()
+        if self.sync is not None:
+            self.sync.poke()  # our record or gossip's dead nodes may be news for the server
 
     async def wait_for_index(self, min_index: int, wait: float) -> None:
         """Return once ``catalog.index > min_index`` or after ``wait`` seconds."""
@@ -419,6 +480,21 @@ class Agent:
         reached = await self.gossip.join(seeds, retries=cfg.join_retries, backoff=cfg.join_backoff)
         log.info("joined", seeds_reached=reached, members=self.gossip.swim.num_live)
 
+    async def drain(self) -> None:
+        """Graceful stop, first step: the proxy stops accepting and finishes its
+        requests in flight, for up to ``proxy.drain_timeout``. DNS and the API
+        keep answering meanwhile; TCP upstream connections are cut at exit."""
+        timeout = self.config.proxy.drain_timeout
+        open_before = self.proxy.stats.open_connections
+        log.info("draining", connections=open_before, timeout=f"{timeout:g}s")
+        with trio.move_on_after(timeout):
+            await self.proxy.drain()
+        left = self.proxy.stats.open_connections
+        if self.proxy.drained:
+            log.info("drained", connections=open_before)
+        else:
+            log.warning("drain timed out", connections_left=left)
+
     async def leave(self) -> None:
         """Graceful leave: tombstone our record and tell the cluster (best effort)."""
         record = self.state.leave()
@@ -434,7 +510,9 @@ class Agent:
             task_status.started()  # from here a SIGHUP reloads instead of killing us
             async for _ in signals:
                 log.info("SIGHUP: reloading services.d")
+                notifier().reloading("reloading services.d")
                 self.reload()
+                notifier().ready(self._status_line())
 
     async def run(
         self,
@@ -452,6 +530,8 @@ class Agent:
 
         files = self._read_services_dir()
         persisted = self.state.load_persisted()
+        if self.sync is not None:
+            self.sync.load_persisted()  # the last catalog and config: served with no server
         host, port = parse_hostport(self.config.api.bind)
         api = AgentApi(self)
         limits = HttpLimits(
@@ -461,6 +541,8 @@ class Agent:
         )
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(notifier().watchdog)  # WATCHDOG=1 while this loop runs
+            nursery.start_soon(_notify_stopping_on_exit)
             for defn in persisted:
                 self.register(defn, SOURCE_API)
             for defn, source in files.values():
@@ -494,6 +576,10 @@ class Agent:
             if handle_signals:
                 await nursery.start(self._reload_on_sighup)
             gossip_addr = await self._start_gossip(nursery)
+            if self.sync is not None and self.sync_tls is None:
+                await nursery.start(self._run_certificates)  # kept, or a join in the background
+            if self.sync is not None:
+                await nursery.start(self.sync.run)  # retries until there is a certificate
             self.addresses = AgentAddresses(
                 api=api_addr, dns=dns_addr, gossip=gossip_addr, proxy=proxy_addr,
                 upstreams=tuple(upstream_addrs),
@@ -510,7 +596,34 @@ class Agent:
                 gossip=gossip_addr,
                 services=len(self.state.registrations),
             )
+            notifier().ready(self._status_line())  # systemd: every listener is bound
             task_status.started(self.addresses)
+
+    async def _run_certificates(
+        self, *, task_status: trio.TaskStatus[NodeCertificate | None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The node certificate (agent/_certs.py): the kept one, else a join with the join
+        token, retried; renewed at 2/3 of its life. The sync uses the newest one."""
+        from ._certs import CertificateManager
+
+        certs = self.certificates = CertificateManager(self.config)
+
+        def changed(_: NodeCertificate) -> None:
+            self.sync_tls = certs.client_context
+
+        await certs.run(on_change=changed, task_status=task_status)
+
+    def _status_line(self) -> str:
+        """The systemd STATUS= line of a running agent."""
+        a = self.addresses
+        if a is None:
+            return "starting"
+        return (
+            f"serving (az {self.config.az or 'none'}): api {a.api[0]}:{a.api[1]}, "
+            f"dns {a.dns[0]}:{a.dns[1]}, "
+            f"proxy {a.proxy[0]}:{a.proxy[1]}, gossip {a.gossip}, "
+            f"{len(self.state.registrations)} services"
+        )
 
 
 def _listen(bind: str) -> socket.socket:
@@ -530,6 +643,14 @@ def _listen(bind: str) -> socket.socket:
 def jittered_wait(wait: float, rand: float) -> float:
     """Consul adds up to wait/16 of random jitter to a blocking query's wait."""
     return wait + math.floor(wait / 16 * rand * 1000) / 1000
+
+
+async def _notify_stopping_on_exit() -> None:
+    """Tell systemd STOPPING=1 when the agent's nursery ends (SIGTERM or a failure)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        notifier().stopping()
 
 
 async def _close_on_cancel(transport: UdpTcpTransport) -> None:

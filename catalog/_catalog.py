@@ -62,6 +62,18 @@ class Catalog:
         """Merge several records; returns how many were taken."""
         return sum(1 for r in records if self.merge(r))
 
+    def forget(self, node: str) -> bool:
+        """Drop ``node``'s record (the servers reaped it); True if there was one.
+
+        Unlike a tombstone this is not order-free: a copy arriving later brings
+        the node back, which is what a node that is still alive should do.
+        """
+        if self._records.pop(node, None) is None:
+            return False
+        self._dead.discard(node)
+        self.index += 1
+        return True
+
     def digest(self) -> dict[str, tuple[int, int]]:
         """node -> (generation, version): what push-pull and sync exchange first."""
         return {name: rec.key for name, rec in self._records.items()}
@@ -76,6 +88,10 @@ class Catalog:
             self._dead.discard(node)
         self.index += 1
         return True
+
+    def dead_nodes(self) -> frozenset[str]:
+        """The nodes observed dead (gossip or server), with or without a record."""
+        return frozenset(self._dead)
 
     def node_live(self, node: str) -> bool:
         rec = self._records.get(node)

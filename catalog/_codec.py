@@ -89,6 +89,7 @@ __all__ = [
     "decode",
     "decode_compound",
     "decode_packet",
+    "decode_record",
     "encode",
     "encode_compound",
     "encode_record",
@@ -582,6 +583,21 @@ def _r_record(r: _Reader) -> NodeRecord:
     )
     if r.pos - start > MAX_RECORD_SIZE:
         raise DecodeError(f"a record of {r.pos - start} bytes, more than {MAX_RECORD_SIZE}")
+    return rec
+
+
+def decode_record(data: bytes) -> NodeRecord:
+    """Parse exactly one :func:`encode_record` output (the server stores records so).
+
+    Raises:
+        DecodeError: anything wrong with ``data``; never another exception.
+    """
+    if len(data) > MAX_RECORD_SIZE:
+        raise DecodeError(f"a record of {len(data)} bytes, more than {MAX_RECORD_SIZE}")
+    r = _Reader(bytes(data))
+    rec = _r_record(r)
+    if r.left():
+        raise DecodeError(f"{r.left()} trailing bytes after a record")
     return rec
 
 

@@ -16,6 +16,7 @@ import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +29,19 @@ __all__ = [
     "MINUTES",
     "SECONDS",
     "AgentConfig",
+    "AgentServerConfig",
     "ApiConfig",
     "CheckDefinition",
     "DnsConfig",
+    "Ec2Config",
     "FieldError",
     "GossipConfig",
     "ProxyConfig",
+    "ServerCaConfig",
     "ServerConfig",
     "ServiceDefinition",
+    "StoreConfig",
+    "SyncConfig",
     "UpstreamConfig",
     "from_mapping",
     "load_agent_config",
@@ -467,12 +473,17 @@ class ProxyConfig:
     # s an idle upstream connection is kept; below common server keep-alive
     # timeouts (nginx 75 s, Go 90 s) so the server rarely closes one under us
     pool_idle_timeout: float = 30 * SECONDS
+    # s a stopping agent (SIGTERM) waits for requests in flight after it stops
+    # accepting; below systemd's TimeoutStopSec (90 s) so the drain ends first
+    drain_timeout: float = 15 * SECONDS
 
     def __post_init__(self) -> None:
         try:
             parse_hostport(self.bind)
         except ValueError as exc:
             raise FieldError("bind", str(exc)) from None
+        if not self.drain_timeout >= 0:
+            raise FieldError("drain_timeout", "must be >= 0")
         for name in ("max_connections", "pool_max_per_instance"):
             if getattr(self, name) < 1:
                 raise FieldError(name, "must be at least 1")
@@ -502,6 +513,112 @@ class UpstreamConfig:
             raise FieldError("connect_attempts", "must be in 1..10")
 
 
+@dataclass(frozen=True)
+class Ec2Config:
+    """EC2 placement for ``az = "auto"`` / ``region = "auto"`` (IMDSv2, ``hostmesh._imds``)."""
+
+    # base URL of the instance metadata service; IPv6-only instances use
+    # "http://[fd00:ec2::254]"; tests point it at a loopback server
+    imds_endpoint: str = "http://169.254.169.254"
+    # s per request (token PUT, each GET); IMDS answers on the host in ~1 ms,
+    # so 1 s only bounds the start of an agent where there is no IMDS
+    imds_timeout: float = 1 * SECONDS
+    imds_attempts: int = 2  # tries of the whole token + GET sequence
+    # false: IMDS failing logs a warning and the agent runs with no AZ/region ("");
+    # true: the agent refuses to start (the unit fails and is restarted)
+    imds_required: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            url = urllib.parse.urlsplit(self.imds_endpoint)
+            _ = url.port  # raises on a bad port
+        except ValueError:
+            url = urllib.parse.urlsplit("")
+        if url.scheme != "http" or not url.hostname or url.path not in ("", "/") or url.query:
+            raise FieldError(
+                "imds_endpoint", f"expected http://host[:port], got {self.imds_endpoint!r}"
+            )
+        if not 0 < self.imds_timeout <= 30:
+            raise FieldError("imds_timeout", "must be > 0 and at most 30 s")
+        if not 1 <= self.imds_attempts <= 5:
+            raise FieldError("imds_attempts", "must be in 1..5")
+
+
+_CA_PIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class AgentServerConfig:
+    """How the agent trusts the servers and gets its node certificate (``[server]``).
+
+    The first certificate comes from a join (join token + CSR over TLS); the
+    agent trusts the server either by ``ca_pin``, the SHA-256 of a CA root's
+    SubjectPublicKeyInfo (as kubeadm's discovery hash; ``hostmesh certs
+    --server`` and ``GET /v1/ca/roots`` show it), or by a PEM ``ca_file``.
+    Later renewals use mutual TLS with the node certificate.
+    """
+
+    ca_pin: str = ""  # "sha256:<64 hex>"; "" = use ca_file
+    ca_file: str = ""  # PEM file with the CA roots; "" = use ca_pin
+    join_token_file: str = "/etc/hostmesh/join-token"  # the join token (one line), read at join
+    request_timeout: float = 10 * SECONDS  # s per call to a server (connect, TLS, answer)
+    # s before retrying a failed renewal; doubles up to renew_retry_max. The
+    # certificate is renewed at 2/3 of its life, so 72 h leaves 24 h of retries
+    renew_retry: float = 30 * SECONDS
+    renew_retry_max: float = 5 * MINUTES
+
+    def __post_init__(self) -> None:
+        if self.ca_pin and not _CA_PIN_RE.fullmatch(self.ca_pin):
+            raise FieldError("ca_pin", "expected 'sha256:' and 64 lower-case hex digits")
+        if self.ca_pin and self.ca_file:
+            raise FieldError("ca_pin", "set ca_pin or ca_file, not both")
+        if not 0 < self.request_timeout <= 5 * MINUTES:
+            raise FieldError("request_timeout", "must be > 0 and at most 5 min")
+        if not 0 < self.renew_retry <= self.renew_retry_max:
+            raise FieldError("renew_retry", "must be > 0 and at most renew_retry_max")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """The agent's websocket to a server (``[sync]``; the addresses are ``servers``).
+
+    The agent keeps one connection to one server from ``servers`` (shuffled),
+    and fails over to the next with exponential backoff and jitter.
+    """
+
+    mesh: str = "mesh"  # SPIFFE trust domain the servers' certificates must name ([ca] mesh)
+    # s between our heartbeats when nothing else is sent; the server closes a
+    # session silent for 3 of its own intervals (30 s)
+    heartbeat_interval: float = 10 * SECONDS
+    # s without a message from the server (it heartbeats every 10 s) before we reconnect
+    heartbeat_timeout: float = 30 * SECONDS
+    connect_timeout: float = 5 * SECONDS  # s for TCP, TLS and the websocket handshake together
+    # s before the first reconnect; doubles per failure up to backoff_max. Each wait
+    # is drawn from [d/2, d] (jitter) so that agents cut off together do not return together
+    backoff_base: float = 0.5 * SECONDS
+    backoff_max: float = 30 * SECONDS
+    # s between writes of the last snapshot and config to the data dir (a burst of
+    # changes is one write); the file is what the agent serves from after a restart
+    persist_interval: float = 1 * SECONDS
+
+    def __post_init__(self) -> None:
+        from ._errors import ValidationError
+        from ._pki import validate_trust_domain
+
+        try:
+            validate_trust_domain(self.mesh)
+        except ValidationError as exc:
+            raise FieldError("mesh", str(exc)) from None
+        for name in ("heartbeat_interval", "heartbeat_timeout", "connect_timeout",
+                     "backoff_base", "backoff_max", "persist_interval"):  # fmt: skip
+            if not 0 < getattr(self, name) <= 1 * HOURS:
+                raise FieldError(name, "must be > 0 and at most 1 h")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise FieldError("heartbeat_timeout", "must be longer than heartbeat_interval")
+        if self.backoff_max < self.backoff_base:
+            raise FieldError("backoff_max", "must be at least backoff_base")
+
+
 def _default_node_name() -> str:
     import socket  # here, so that sans-IO modules may import this one
 
@@ -514,17 +631,20 @@ class AgentConfig:
 
     node_name: str = field(default_factory=_default_node_name)  # default: short hostname
     address: str = "127.0.0.1"  # address other hosts reach this one on
-    az: str = ""  # availability zone (eu-west-1a); "" = none
-    region: str = ""  # region (eu-west-1); "" = none
+    az: str = ""  # availability zone (eu-west-1a); "" = none; "auto" = from EC2 IMDSv2
+    region: str = ""  # region (eu-west-1); "" = none; "auto" = from EC2 IMDSv2
     datacenter: str = "dc1"  # reported as Consul's Datacenter
     meta: Mapping[str, str] = field(default_factory=dict)  # node meta (DNS TXT, catalog)
     data_dir: str = "/var/lib/hostmesh"  # generation, registrations, last catalog
     services_dir: str = "/etc/hostmesh/services.d"  # *.toml service definitions
-    servers: tuple[str, ...] = ()  # server addresses host:port
+    servers: tuple[str, ...] = ()  # server addresses host:port; empty = run alone (no sync)
+    sync: SyncConfig = field(default_factory=SyncConfig)  # [sync]: the websocket to a server
     api: ApiConfig = field(default_factory=ApiConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    ec2: Ec2Config = field(default_factory=Ec2Config)  # IMDSv2 for az/region "auto"
+    server: AgentServerConfig = field(default_factory=AgentServerConfig)  # join, CA trust
     # per-service routes, splits, retries, limits and ejection ([traffic.<service>]);
     # the servers push the same structure
     traffic: Mapping[str, TrafficPolicy] = field(default_factory=dict)
@@ -567,19 +687,122 @@ class AgentConfig:
         )
 
 
+#: Longest timeout the ``[store]`` section accepts; a store call should not hang longer.
+MAX_STORE_TIMEOUT = 5 * MINUTES
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where a server keeps its state (``[store]`` in server.toml).
+
+    ``sqlite`` is one server with a local file; ``etcd`` is several stateless
+    servers on one etcd cluster (the highly available setup).
+    """
+
+    backend: Literal["sqlite", "etcd"] = "sqlite"  # which store; see above
+    path: str = ""  # sqlite: the database file; "" = <data_dir>/store.db
+    # sqlite: changes kept so that a watch (a reconnecting agent) can resume from a
+    # past revision; older ones are compacted away and such a watch must re-read
+    history_events: int = 10_000
+    # sqlite: bytes of keys and values in that history (bounds its disk use); at least 1 MiB
+    history_bytes: int = 64 * 1024 * 1024
+    # etcd: client URLs (http://host:port or https://...), all members of one
+    # cluster; calls stick to one and fail over to the next when it is unreachable
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    connect_timeout: float = 1 * SECONDS  # etcd: s per TCP connect; a LAN connect takes < 1 ms
+    # etcd: s for one request to one member; etcd itself gives up on a write after
+    # 5 s + 2 election timeouts, so a longer wait would rarely help
+    request_timeout: float = 5 * SECONDS
+    # etcd: s a call keeps trying the members (with backoff) before StoreUnavailable;
+    # longer than an election (1 s by default) with margin for a loaded machine
+    failover_timeout: float = 10 * SECONDS
+
+    def __post_init__(self) -> None:
+        if self.history_events < 1:
+            raise FieldError("history_events", "must be >= 1")
+        if self.history_bytes < 1024 * 1024:
+            raise FieldError("history_bytes", "must be at least 1 MiB (two of the largest values)")
+        for name in ("connect_timeout", "request_timeout", "failover_timeout"):
+            if not 0 < getattr(self, name) <= MAX_STORE_TIMEOUT:
+                raise FieldError(name, f"must be > 0 and at most {MAX_STORE_TIMEOUT:.0f} s")
+        if self.backend == "etcd" and not self.endpoints:
+            raise FieldError("endpoints", "the etcd backend needs at least one endpoint")
+        for i, endpoint in enumerate(self.endpoints):
+            try:
+                url = urllib.parse.urlsplit(endpoint)
+                port = url.port  # raises on a bad port
+            except ValueError:
+                url, port = urllib.parse.urlsplit(""), None
+            if (
+                url.scheme not in ("http", "https")
+                or not url.hostname
+                or port is None
+                or url.path not in ("", "/")
+                or url.query
+                or url.fragment
+                or url.username is not None
+            ):
+                raise FieldError(
+                    f"endpoints[{i}]", f"expected http(s)://host:port, got {endpoint!r}"
+                )
+        if len(set(self.endpoints)) != len(self.endpoints):
+            raise FieldError("endpoints", "an endpoint is listed twice")
+
+
+@dataclass(frozen=True)
+class ServerCaConfig:
+    """The servers' certificate authority (``[ca]`` in server.toml).
+
+    The CA state (root keys) is a 0600 file in the data dir with SQLite; with
+    etcd it is kept in the store, sealed with AES-256-GCM under the key in
+    ``sealing_key_file`` (the same file on every server; the key never reaches etcd).
+    """
+
+    mesh: str = "mesh"  # SPIFFE trust domain: nodes are spiffe://<mesh>/node/<node>
+    # s a node certificate lives (Consul's leaf_cert_ttl); agents renew at 2/3.
+    # Shorter: a stolen key is useful for less time, more CSRs
+    leaf_ttl: float = 72 * HOURS
+    # etcd only (required there): a file with the 32-byte sealing key, base64 or
+    # hex (make one: openssl rand -base64 32), mode 0600
+    sealing_key_file: str = ""
+    csr_rate: int = (
+        50  # CSRs signed per second per server (Consul's csr_max_per_second); 0 = no limit
+    )
+
+    def __post_init__(self) -> None:
+        from ._errors import ValidationError
+        from ._pki import validate_trust_domain
+
+        try:
+            validate_trust_domain(self.mesh)
+        except ValidationError as exc:
+            raise FieldError("mesh", str(exc)) from None
+        if not 60 * SECONDS <= self.leaf_ttl <= 365 * 24 * HOURS:
+            raise FieldError("leaf_ttl", "must be at least 1 min and at most 1 year")
+        if self.csr_rate < 0:
+            raise FieldError("csr_rate", "must be >= 0 (0 = no limit)")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """A server (``/etc/hostmesh/server.toml``)."""
 
     bind: str = "0.0.0.0:4150"  # host:port of the server API
     data_dir: str = "/var/lib/hostmesh-server"  # SQLite store and CA files
-    store: Literal["sqlite"] = "sqlite"  # the store backend
+    store: StoreConfig = field(default_factory=StoreConfig)  # [store]: SQLite or etcd
+    ca: ServerCaConfig = field(default_factory=ServerCaConfig)  # [ca]: mesh name, TTL, sealing
 
     def __post_init__(self) -> None:
         try:
             parse_hostport(self.bind)
         except ValueError as exc:
             raise FieldError("bind", str(exc)) from None
+        if self.store.backend == "etcd" and not self.ca.sealing_key_file:
+            raise FieldError(
+                "ca.sealing_key_file",
+                "the etcd store keeps the CA's root key, sealed with this key: set it to a"
+                " file holding a 32-byte key (openssl rand -base64 32 > FILE; chmod 600 FILE)",
+            )
 
 
 # --- the generic loader -----------------------------------------------------------

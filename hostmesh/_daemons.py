@@ -6,11 +6,14 @@ and task closes in order.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,9 +23,11 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from hostmesh.agent import AgentAddresses
+    from hostmesh.server import Server
 
 from ._config import (
     AgentConfig,
+    AgentServerConfig,
     ApiConfig,
     DnsConfig,
     GossipConfig,
@@ -31,9 +36,12 @@ from ._config import (
     parse_hostport,
 )
 from ._errors import ConfigError
+from ._imds import resolve_placement
 from ._log import get_logger
+from ._pki import spki_pin
+from ._systemd import notifier
 
-__all__ = ["run_agent", "run_dev", "run_server", "wait_for_stop_signal"]
+__all__ = ["run_agent", "run_dev", "run_server", "stop_signals", "wait_for_stop_signal"]
 
 log = get_logger("hostmesh")
 
@@ -41,34 +49,63 @@ log = get_logger("hostmesh")
 LEAVE_TIMEOUT = 2.0
 
 
-async def wait_for_stop_signal() -> None:
-    """Return on the first SIGINT or SIGTERM."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("stopping", signal=signal.Signals(signum).name)
-            return
+def stop_signals() -> AbstractContextManager[AsyncIterator[int]]:
+    """Catch SIGINT and SIGTERM from here on (open it before starting anything: a
+    SIGTERM that lands during start-up is then a clean stop, not a kill)."""
+    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+
+
+async def wait_for_stop_signal(signals: AsyncIterator[int]) -> None:
+    """Return on the first SIGINT or SIGTERM caught by ``signals`` (:func:`stop_signals`)."""
+    async for signum in signals:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        notifier().stopping(f"stopping ({signal.Signals(signum).name})")
+        return
 
 
 async def run_agent(config: AgentConfig) -> None:
     from hostmesh.agent import Agent
 
+    config = await resolve_placement(config)  # az/region "auto": EC2 IMDSv2
     agent = Agent(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(agent.run)
-        await wait_for_stop_signal()
-        with trio.move_on_after(LEAVE_TIMEOUT):
-            await agent.leave()
-        nursery.cancel_scope.cancel()
+    with stop_signals() as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            # Everything made while starting (modules, config, catalog) lives as long
+            # as the process: keep it out of the collector's full passes, which
+            # otherwise walk it all and stall the proxy for milliseconds.
+            gc.freeze()
+            await wait_for_stop_signal(signals)
+            await agent.drain()  # stop accepting, finish requests in flight
+            with trio.move_on_after(LEAVE_TIMEOUT):
+                await agent.leave()
+            nursery.cancel_scope.cancel()
 
 
 async def run_server(config: ServerConfig) -> None:
     from hostmesh.server import Server
 
     server = Server(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        await wait_for_stop_signal()
-        nursery.cancel_scope.cancel()
+    with stop_signals() as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_server_sighup, server)
+            await nursery.start(server.run)
+            await wait_for_stop_signal(signals)
+            nursery.cancel_scope.cancel()
+
+
+async def _server_sighup(
+    server: Server, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """``systemctl reload`` sends SIGHUP: the server has nothing to re-read yet, so it
+    says so instead of dying of the signal (a clean exit that Restart= would not undo)."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            notifier().reloading("SIGHUP")
+            log.warning("SIGHUP: the server reloads nothing; restart it to apply server.toml")
+            address = server.address or ("", 0)
+            notifier().ready(f"serving: api {address[0]}:{address[1]}")
 
 
 async def run_dev(
@@ -94,13 +131,22 @@ async def run_dev(
     out = out or Console()
     if not 1 <= nodes <= 254 or not 1 <= azs <= 26:
         raise ConfigError("hostmesh dev", "--nodes/--azs", "use 1..254 nodes in 1..26 AZs")
-    with tempfile.TemporaryDirectory(prefix="hostmesh-dev-") as tmp:
-        server = Server(ServerConfig(bind=server_bind, data_dir=str(Path(tmp) / "server")))
+    with tempfile.TemporaryDirectory(prefix="hostmesh-dev-") as tmp, stop_signals() as signals:
+        server = Server(
+            ServerConfig(bind=server_bind, data_dir=str(Path(tmp) / "server")), print_token=False
+        )
         name = socket.gethostname().split(".")[0] or "dev"
         configs: list[AgentConfig] = []
         started: list[AgentAddresses] = []
         async with trio.open_nursery() as nursery:
             server_addr = await nursery.start(server.run)
+            # The agents join like any agent: a join token and the CA roots in files.
+            secret, _ = await server.tokens.create("join", description="hostmesh dev agents")
+            (Path(tmp) / "join-token").write_text(secret + "\n")
+            (Path(tmp) / "ca.pem").write_bytes(server.ca.bundle_pem())
+            trust = AgentServerConfig(
+                ca_file=str(Path(tmp) / "ca.pem"), join_token_file=str(Path(tmp) / "join-token")
+            )
             for i in range(1, nodes + 1):
                 host = "127.0.0.1" if nodes == 1 else f"127.0.0.{i}"
 
@@ -116,12 +162,13 @@ async def run_dev(
                     api=ApiConfig(bind=on(api_bind)), dns=DnsConfig(bind=on(dns_bind)),
                     proxy=ProxyConfig(bind=on(proxy_bind)),
                     gossip=GossipConfig.for_profile("local", bind=on(gossip_bind), seeds=seeds),
-                    servers=(server_bind,),
+                    servers=(f"{server_addr[0]}:{server_addr[1]}",), server=trust,
                 )  # fmt: skip
                 configs.append(cfg)
                 started.append(await nursery.start(Agent(cfg).run))
-            _print_dev(out, configs, started, server_addr, tmp)
-            await wait_for_stop_signal()
+            _print_dev(out, configs, started, server_addr, tmp, server.management_token or "",
+                       spki_pin(server.ca.active.cert))  # fmt: skip
+            await wait_for_stop_signal(signals)
             nursery.cancel_scope.cancel()
 
 
@@ -131,6 +178,8 @@ def _print_dev(
     started: list[AgentAddresses],
     server_addr: tuple[str, int],
     tmp: str,
+    token: str = "",
+    pin: str = "",
 ) -> None:
     cfg, addrs = configs[0], started[0]
     api = f"{addrs.api[0]}:{addrs.api[1]}"
@@ -157,7 +206,9 @@ def _print_dev(
     out.print(
         f"[bold]hostmesh dev[/]: a server and {len(configs)} agent(s) in one process\n"
         + where
-        + f"  server API  http://{server_addr[0]}:{server_addr[1]}  (KV: /v1/kv/)\n"
+        + f"  server API  https://{server_addr[0]}:{server_addr[1]}  (KV: /v1/kv/)\n"
+        f"  token       {token}  (management: export HOSTMESH_TOKEN={token})\n"
+        f"  CA pin      {pin}  (export HOSTMESH_CA_PIN={pin})\n"
         f"  data        {tmp}  (removed on exit)\n"
         "\nTry:\n"
         f"  curl -X PUT http://{api}/v1/agent/service/register "

@@ -23,7 +23,7 @@ import trio
 
 from ._log import get_logger
 
-__all__ = ["HttpLimits", "Request", "Response", "clamp_wait", "serve_http"]
+__all__ = ["HttpLimits", "Request", "Response", "clamp_wait", "serve_connection", "serve_http"]
 
 log = get_logger("hostmesh.http")
 
@@ -58,6 +58,9 @@ class Request:
     headers: dict[str, str]  # lower-cased names; repeated headers joined with ", "
     body: bytes = b""
     peer: str = ""
+    # the TLS client certificate's verified node identity (a hostmesh._pki.NodeIdentity)
+    # on the server's TLS listener; None without TLS or when the client sent none
+    peer_identity: Any = None
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         """The first value of query parameter ``name`` ("" for a bare ``?passing``)."""
@@ -160,7 +163,7 @@ async def serve_http(
         task_status.started((bound[0], bound[1]))
 
 
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream, deadline: float) -> Any:
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream, deadline: float) -> Any:
     with trio.move_on_at(deadline):
         while True:
             event = conn.next_event()
@@ -170,11 +173,11 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream, deadline:
                 data = await stream.receive_some(RECV_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise _Closed() from None
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
     raise TimeoutError
 
 
-async def _send(conn: h11.Connection, stream: trio.SocketStream, response: Response) -> None:
+async def _send(conn: h11.Connection, stream: trio.abc.Stream, response: Response) -> None:
     headers = [
         ("content-type", response.content_type),
         ("content-length", str(len(response.body))),
@@ -191,7 +194,7 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, response: Respo
 
 
 async def _send_error(
-    conn: h11.Connection, stream: trio.SocketStream, status: int, reason: str
+    conn: h11.Connection, stream: trio.abc.Stream, status: int, reason: str
 ) -> None:
     """Best effort: answer a broken request with ``status`` and close."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -202,7 +205,8 @@ async def _send_error(
             await _send(conn, stream, response)
             # Lingering close: closing with unread input makes the kernel send
             # RST, which can destroy the error response before the client reads it.
-            await stream.send_eof()
+            if isinstance(stream, trio.abc.HalfCloseableStream):  # TLS has no half-close
+                await stream.send_eof()
             drained = 0
             while drained < LINGER_MAX_BYTES and (chunk := await stream.receive_some(RECV_SIZE)):
                 drained += len(chunk)
@@ -210,8 +214,27 @@ async def _send_error(
         pass
 
 
+async def serve_connection(
+    stream: trio.abc.Stream,
+    handler: Handler,
+    limits: HttpLimits,
+    peer: str,
+    peer_identity: Any = None,
+) -> None:
+    """Serve HTTP/1.1 requests on one accepted ``stream`` (plain or TLS) until it ends.
+
+    The caller owns ``stream`` and closes it; ``peer_identity`` is put on every
+    :class:`Request`.
+    """
+    await _serve_connection(stream, handler, limits, peer, peer_identity)
+
+
 async def _serve_connection(
-    stream: trio.SocketStream, handler: Handler, limits: HttpLimits, peer: str
+    stream: trio.abc.Stream,
+    handler: Handler,
+    limits: HttpLimits,
+    peer: str,
+    peer_identity: Any = None,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     first = True
@@ -279,6 +302,7 @@ async def _serve_connection(
             headers=headers,
             body=bytes(body),
             peer=peer,
+            peer_identity=peer_identity,
         )
         try:
             response = await handler(req)

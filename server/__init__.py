@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from ._etcd import EtcdStore
 from ._server import Server
-from ._store import Entry, SQLiteStore
+from ._sqlite import AsyncSQLiteStore, SQLiteStore
+from ._store import MAX_KEY, MAX_LEASE_TTL, MAX_VALUE, Entry, Event, Store, open_store
+from ._sync import SyncHub
 
-__all__ = ["Entry", "SQLiteStore", "Server"]
+__all__ = [
+    "MAX_KEY",
+    "MAX_LEASE_TTL",
+    "MAX_VALUE",
+    "AsyncSQLiteStore",
+    "Entry",
+    "EtcdStore",
+    "Event",
+    "SQLiteStore",
+    "Server",
+    "Store",
+    "SyncHub",
+    "open_store",
+]

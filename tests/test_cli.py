@@ -203,9 +203,16 @@ def test_dev_runs_the_mesh_and_its_printed_commands_work(tmp_path: Path) -> None
         _, lines = read_until(proc, "stdout", r"Ctrl-C stops")
         text = "\n".join(lines)
         api = re.search(r"agent API\s+http://([0-9.:]+)", text)
-        server = re.search(r"server API\s+http://([0-9.:]+)", text)
+        server = re.search(r"server API\s+https://([0-9.:]+)", text)
+        token = re.search(r"token\s+(hm_\S+)", text)
+        pin = re.search(r"CA pin\s+(sha256:[0-9a-f]+)", text)
         data = re.search(r"data\s+(\S+)", text)
-        assert api and server and data
+        assert api and server and token and pin and data
+        # The printed token and pin open the server's HTTPS API.
+        env = {**os.environ, "HOSTMESH_SERVER": server.group(1),
+               "HOSTMESH_TOKEN": token.group(1), "HOSTMESH_CA_PIN": pin.group(1)}  # fmt: skip
+        assert run("kv", "put", "greeting", "hello", env=env).returncode == 0
+        assert run("kv", "get", "greeting", env=env).stdout.strip() == "hello"
         assert "AZ dev-1a" in text
         tried = lines[[line.strip() for line in lines].index("Try:") + 1 :]
         commands = [
@@ -285,3 +292,29 @@ def test_dev_with_several_nodes_runs_a_multi_az_mesh_over_loopback(tmp_path: Pat
         assert dig.stdout.split() == ["127.0.0.3"]
     finally:
         assert stop(proc, signal.SIGINT) == 0
+
+
+def test_daemons_take_their_options_like_the_other_commands(agent_files: Path) -> None:
+    # --help, a typo and a missing value get typer's answers, as for every command.
+    assert "Run the agent" in run("agent", "--help").stdout
+    for bad, words in ((["--bogus"], "No such option"), (["-c"], "requires an argument")):
+        done = run("agent", *bad)
+        assert done.returncode != 0 and words in done.stderr and "Traceback" not in done.stderr
+    done = run("agent", "-c", str(agent_files / "missing.toml"))
+    assert done.returncode == 1 and "missing.toml" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    done = run("server", "--log-level", "loud", "-c", str(agent_files / "missing.toml"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    # --opt=value forms start the agent too, and it does not carry typer's
+    # argument conversion (pydantic, ~10 MB) for the rest of its life.
+    proc = subprocess.Popen(
+        [HOSTMESH, "agent", f"--config={agent_files / 'agent.toml'}", "--log-format=json"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, bufsize=0, cwd=agent_files,
+    )  # fmt: skip
+    try:
+        read_until(proc, "stderr", r'"msg": ?"agent started"')
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "pydantic_core" not in maps
+        assert "_ssl" in maps or "libssl" in maps  # the check reads real mappings
+    finally:
+        assert stop(proc) == 0

@@ -45,35 +45,28 @@ async def _blocked_until(timer: Timer, set_to: float, *, move_to: float | None =
         b.close()
 
 
+# (deadline, moved to, moved after, when the wait ends): all relative to the start
+BLOCKED = {
+    "passes": (5, None, 0, 5),
+    "moved-later-while-blocked": (5, 12, 1, 12),
+    "moved-earlier-while-blocked": (60, 3, 1, 3),
+}
+
+
+@pytest.mark.parametrize("case", BLOCKED.values(), ids=BLOCKED.keys())
 @trio_test(100, mock_clock=True)
-async def test_a_blocked_wait_ends_when_its_deadline_passes() -> None:
+async def test_a_blocked_wait_ends_when_its_deadline_passes(
+    case: tuple[float, float | None, float, float],
+) -> None:
+    at, move_to, move_after, ends = case
     timer = Timer()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(timer.run)
         t0 = trio.current_time()
-        assert await _blocked_until(timer, t0 + 5) == pytest.approx(t0 + 5)
-        nursery.cancel_scope.cancel()
-
-
-@trio_test(100, mock_clock=True)
-async def test_moving_a_deadline_later_while_blocked_extends_it() -> None:
-    timer = Timer()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(timer.run)
-        t0 = trio.current_time()
-        ended = await _blocked_until(timer, t0 + 5, move_to=t0 + 12, move_after=1)
-        assert ended == pytest.approx(t0 + 12)
-        nursery.cancel_scope.cancel()
-
-
-@trio_test(100, mock_clock=True)
-async def test_moving_a_deadline_earlier_while_blocked_fires_at_the_earlier_time() -> None:
-    timer = Timer()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(timer.run)
-        t0 = trio.current_time()
-        ended = await _blocked_until(timer, t0 + 60, move_to=t0 + 3, move_after=1)
-        assert ended == pytest.approx(t0 + 3)
+        ended = await _blocked_until(timer, t0 + at,
+                                     move_to=None if move_to is None else t0 + move_to,
+                                     move_after=move_after)  # fmt: skip
+        assert ended == pytest.approx(t0 + ends)
         nursery.cancel_scope.cancel()
 
 

@@ -41,10 +41,17 @@ SANS_IO_MODULES = (
     "hostmesh.agent._zone",
     "hostmesh.agent._balancer",
     "hostmesh.agent._resilience",
+    "hostmesh._pki",
+    "hostmesh.server._ca",
+    "hostmesh.catalog._syncproto",
 )
 
 # Top-level modules a sans-IO module may not import, directly or through a sibling.
 FORBIDDEN_IMPORTS = frozenset({"trio", "trio_websocket", "socket", "httpx"})
+
+# Third-party modules loaded before the blocker because they import socket without
+# doing I/O: cryptography.x509 imports email.utils (RFC 822 names), which imports socket.
+PRELOADED = ("cryptography.x509", "cryptography.x509.verification")
 
 
 def _package_dirs() -> dict[str, Path]:
@@ -128,6 +135,8 @@ _IMPORT_BLOCKED = textwrap.dedent(
 
     targets, blocked = json.loads(sys.argv[1]), frozenset(json.loads(sys.argv[2]))
 
+    for name in json.loads(sys.argv[3]):
+        importlib.import_module(name)
     for name in targets:
         if "." in name:
             importlib.import_module(name.rpartition(".")[0])
@@ -164,6 +173,7 @@ def _import_with_io_blocked(modules: tuple[str, ...]) -> dict[str, str]:
             _IMPORT_BLOCKED,
             json.dumps(list(modules)),
             json.dumps(sorted(FORBIDDEN_IMPORTS)),
+            json.dumps(PRELOADED),
         ],
         capture_output=True,
         text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -70,8 +71,16 @@ async def test_consul_kv_api(tmp_path: Path) -> None:
     server = Server(ServerConfig(bind="127.0.0.1:0", data_dir=str(tmp_path / "srv")))
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(server.run)
-        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as http:
+        token = server.management_token_file.read_text().strip()  # made at first start
+        auth = {"Authorization": f"Bearer {token}"}
+        tls = ssl.create_default_context(cadata=server.ca.bundle_pem().decode())
+        tls.check_hostname = False  # the server is spiffe://mesh/server/<name>
+        async with httpx.AsyncClient(
+            base_url=f"https://{host}:{port}", timeout=10, headers=auth, verify=tls
+        ) as http:
             assert (await http.get("/ready")).status_code == 200
+            unauthorized = await http.get("/v1/kv/app/config", headers={"Authorization": ""})
+            assert unauthorized.status_code == 401
             assert (await http.get("/v1/kv/app/config")).status_code == 404
             assert (await http.put("/v1/kv/app/config", content=b"debug=1")).json() is True
             entry = (await http.get("/v1/kv/app/config")).json()[0]
@@ -97,8 +106,8 @@ async def test_consul_kv_api(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     # The store is durable across a restart of the server.
     again = Server(ServerConfig(bind="127.0.0.1:0", data_dir=str(tmp_path / "srv")))
-    entry = again.store.get("kv/app/config")
-    again.store.close()
+    entry = await again.store.get("kv/app/config")
+    await again.store.aclose()
     assert entry is not None and entry.value == b"2"
 
 
