@@ -338,6 +338,7 @@ def test_rollout_installs_under_the_prefix(site: Site) -> None:
     assert (cfg.node_name, cfg.az, cfg.region) == ("agent1", "test-1a", "test-1")
     assert cfg.gossip.keyring == (site.gossip_key,)
     assert cfg.servers == (site.server,)
+    assert cfg.server.join_token_file == str(etc / "join-token")  # what the agent presents
     assert cfg.data_dir == str(site.prefix / "var/lib/hostmesh")
     server = load_server_config(etc / "server.toml")
     assert server.bind == site.server
