@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,7 +56,11 @@ if TYPE_CHECKING:
 
     from ._certs import CertificateManager, NodeCertificate
 
-__all__ = ["Agent", "AgentAddresses"]
+__all__ = ["LIVE_CONFIG", "Agent", "AgentAddresses"]
+
+#: agent.toml settings a SIGHUP applies to a running agent; the others (the
+#: listeners' addresses, the node's identity, the data dir, ...) need a restart.
+LIVE_CONFIG = frozenset({"traffic"})
 
 log = get_logger("hostmesh.agent")
 
@@ -99,8 +103,10 @@ class Agent:
         wall_clock: Callable[[], float] = time.time,
         http_transport: httpx.AsyncBaseTransport | None = None,
         sync_tls: Callable[[], ssl.SSLContext] | None = None,
+        load_config: Callable[[], AgentConfig] | None = None,
     ) -> None:
         self.config = config
+        self._load_config = load_config  # re-reads agent.toml on SIGHUP; None: no file
         self._wall_clock = wall_clock
         self.catalog = Catalog()
         self.metrics = Registry()
@@ -509,10 +515,42 @@ class Agent:
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
             task_status.started()  # from here a SIGHUP reloads instead of killing us
             async for _ in signals:
+                notifier().reloading("reloading agent.toml and services.d")
+                self.reload_config()
                 log.info("SIGHUP: reloading services.d")
-                notifier().reloading("reloading services.d")
                 self.reload()
                 notifier().ready(self._status_line())
+
+    def reload_config(self) -> None:
+        """Re-read agent.toml (SIGHUP): apply what may change live, name the rest.
+
+        :data:`LIVE_CONFIG` sections take effect at once (routes and splits
+        without a dropped connection); a change anywhere else (addresses,
+        ports, node name, data dir, ...) is logged as waiting for a restart
+        and the running value stays. A file that no longer loads changes
+        nothing and is logged with its error.
+        """
+        if self._load_config is None:
+            return
+        try:
+            new = self._load_config()
+        except HostmeshError as exc:
+            log.error("SIGHUP: agent.toml not reloaded; the running config stays", error=str(exc))
+            return
+        if new.az == "auto":  # resolved once, at start (IMDS)
+            new = replace(new, az=self.config.az)
+        if new.region == "auto":
+            new = replace(new, region=self.config.region)
+        changed = [f.name for f in fields(AgentConfig)
+                   if getattr(new, f.name) != getattr(self.config, f.name)]  # fmt: skip
+        live = [name for name in changed if name in LIVE_CONFIG]
+        later = [name for name in changed if name not in LIVE_CONFIG]
+        self.config = replace(self.config, **{name: getattr(new, name) for name in live})
+        if "traffic" in live:
+            self.refresh_routes()
+        log.info("SIGHUP: agent.toml reloaded", applied=",".join(live) or "-")
+        if later:
+            log.warning("SIGHUP: agent.toml changes that wait for a restart", keys=",".join(later))
 
     async def run(
         self,

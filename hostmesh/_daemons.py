@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
@@ -63,11 +63,14 @@ async def wait_for_stop_signal(signals: AsyncIterator[int]) -> None:
         return
 
 
-async def run_agent(config: AgentConfig) -> None:
+async def run_agent(
+    config: AgentConfig, load_config: Callable[[], AgentConfig] | None = None
+) -> None:
+    """Run an agent until SIGINT/SIGTERM; ``load_config`` re-reads its file on SIGHUP."""
     from hostmesh.agent import Agent
 
     config = await resolve_placement(config)  # az/region "auto": EC2 IMDSv2
-    agent = Agent(config)
+    agent = Agent(config, load_config=load_config)
     with stop_signals() as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)

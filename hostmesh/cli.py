@@ -152,7 +152,8 @@ def agent(
 
     _setup_logs(log_level, log_format)
     cfg = load_agent_config(config)
-    _run_daemon(lambda: run_agent(cfg))
+    reload = (lambda: load_agent_config(config)) if config is not None else None
+    _run_daemon(lambda: run_agent(cfg, reload))
 
 
 @app.command()
@@ -870,6 +871,25 @@ def node_revoke(
     what = f"{len(done['revoked'])} certificate(s) of [bold]{node}[/]"
     console.print(f"revoked {what} (revocation list revision {done['revision']})",
                   highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@app.command("force-leave")
+def force_leave(
+    node: Annotated[str, typer.Argument(help="The node name.")],
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = "",
+    ca_file: CaFileOpt = "",
+    ca_pin: CaPinOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Mark NODE left and remove it from the catalog now (a node that will not come back)."""
+    conn = _Server(server, token, ca_file, ca_pin)
+    done = conn.call("PUT", f"/v1/agent/force-leave/{node}").json()
+    if as_json:
+        _print_json(done)
+        return
+    console.print(f"[bold]{node}[/] left: removed from the catalog", highlight=False,
+                  soft_wrap=True)  # fmt: skip
 
 
 @ca_app.command("rotate")

@@ -157,15 +157,30 @@ async def test_sigterm_finishes_requests_in_flight_then_exits(tmp_path: Path) ->
 async def test_sighup_reload_under_traffic_fails_no_request(tmp_path: Path) -> None:
     async with agent_under_traffic(tmp_path, "/sleep/0.05") as run:
         await until_answered(run.traffic, 2 * CLIENTS)
+        # A new service in services.d, and a route for "slow" in agent.toml.
         (tmp_path / "services.d" / "web.toml").write_text('name = "web"\nport = 8080\n')
+        agent_toml = tmp_path / "agent.toml"
+        agent_toml.write_text(
+            agent_toml.read_text() + '[[traffic.slow.routes]]\nname = "reloaded"\n'
+        )
         os.kill(run.proc.pid, signal.SIGHUP)
         async with httpx.AsyncClient(base_url=f"http://{run.api}") as c:
             while "web" not in (await c.get("/v1/catalog/services")).json():
                 await trio.sleep(0.05)
+            await until_answered(run.traffic, run.traffic.outcomes["200"] + 2 * CLIENTS)
+            metrics = (await c.get("/metrics")).text
+        assert 'hostmesh_proxy_requests_total{service="slow",route="reloaded"}' in metrics
+        # A broken file changes nothing: the agent keeps its config and its clients.
+        broken = agent_toml.read_text().replace('[proxy]\nbind = "127.0.0.1:0"',
+                                                '[proxy]\nbind = "nowhere"')  # fmt: skip
+        assert "nowhere" in broken
+        agent_toml.write_text(broken)
+        os.kill(run.proc.pid, signal.SIGHUP)
         await until_answered(run.traffic, run.traffic.outcomes["200"] + 2 * CLIENTS)
         run.traffic.stopping = True
         run.proc.send_signal(signal.SIGTERM)
     assert failures(run.traffic) == {}, run.traffic.outcomes
+    assert "agent.toml not reloaded" in run.log and "nowhere" in run.log
     # The reload kept every keep-alive connection: no client was told to close
     # before the final SIGTERM.
     assert run.traffic.outcomes["told to close"] <= CLIENTS
