@@ -36,6 +36,7 @@ from hostmesh._systemd import notifier
 from hostmesh.catalog import Catalog, Health, Node
 from hostmesh.catalog._gossip import DEFAULT_PORT, GossipNode, UdpTcpTransport
 from hostmesh.catalog._keyring import Keyring
+from hostmesh.catalog._model import GOSSIP_PORT_META
 from hostmesh.catalog._swim import Swim
 from hostmesh.dns import DnsCore, Recursor, recursor_addresses, serve_dns
 
@@ -66,6 +67,9 @@ log = get_logger("hostmesh.agent")
 
 #: s between routing snapshot rebuilds; a burst of gossip changes is one rebuild.
 ROUTE_REFRESH_MIN_INTERVAL = 0.05
+#: s a graceful leave waits for its tombstone to go out to the connected server
+#: (one websocket message; the rest of the leave, gossip's, follows either way).
+LEAVE_SYNC_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -468,6 +472,9 @@ class Agent:
         transport = UdpTcpTransport(host, port)
         nursery.start_soon(_close_on_cancel, transport)
         addr = await transport.bind()
+        bound_port = parse_hostport(addr)[1]
+        if bound_port != DEFAULT_PORT:  # where the servers' death probe must knock
+            self.state.set_node_meta(GOSSIP_PORT_META, str(bound_port))
         swim = Swim(
             cfg, self.config.node_name, addr, self.catalog, now=trio.current_time(),
             meta={"az": self.config.az, "region": self.config.region},
@@ -504,6 +511,11 @@ class Agent:
     async def leave(self) -> None:
         """Graceful leave: tombstone our record and tell the cluster (best effort)."""
         record = self.state.leave()
+        if self.sync is not None and self.sync.connected is not None:
+            # The servers remove a node that left at once, once its tombstone reaches them.
+            self.sync.poke()
+            with trio.move_on_after(LEAVE_SYNC_TIMEOUT):
+                await self.sync.wait_sent(record.key)
         if self.gossip is not None:
             self.gossip.swim.record_changed(record)
             await self.gossip.leave()

@@ -283,6 +283,14 @@ class LocalState:
         self._commit()
         return True
 
+    def set_node_meta(self, key: str, value: str) -> None:
+        """Set one node meta entry (a new version of our record when it changes)."""
+        node = self.record.node
+        if node.meta.get(key) == value:
+            return
+        self.record = replace(self.record, node=replace(node, meta={**node.meta, key: value}))
+        self._commit()
+
     def leave(self) -> NodeRecord:
         """Make our record a node tombstone (graceful leave); returns it."""
         self.record = self.record.bump(services=(), checks=(), left=True, stamp=self._clock())

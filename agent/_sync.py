@@ -214,6 +214,8 @@ class SyncClient:
         self._rand.shuffle(self.servers)
         self.connected: str | None = None  # the server we are synced with now
         self.last_start = ""  # "snapshot" or "resumed": how the last session began
+        self.sent_record = (0, 0)  # the key of our record last sent to a server
+        self._sent = trio.Event()
         self._wake = trio.Event()
         self._dirty = False
         self._persisted = trio.Event()
@@ -290,6 +292,17 @@ class SyncClient:
 
     # --- the connection -----------------------------------------------------------
 
+    def _mark_sent(self, key: tuple[int, int]) -> None:
+        self.sent_record = max(self.sent_record, key)
+        self._sent.set()
+        self._sent = trio.Event()
+
+    async def wait_sent(self, key: tuple[int, int]) -> None:
+        """Return once our record at ``key`` (or a later one) was sent to a server
+        (a graceful leave waits for its tombstone to go out)."""
+        while self.sent_record < key:
+            await self._sent.wait()
+
     def poke(self) -> None:
         """Our record or the catalog changed: the sender looks at what to send."""
         self._wake.set()
@@ -319,10 +332,12 @@ class SyncClient:
                 async with sync_websocket(address, self._client_tls(), self.cfg.mesh) as ws:
                     connecting.deadline = float("inf")
                     try:
-                        await ws.send_message(self.state.hello(self._own_record()))
+                        hello = self._own_record()
+                        await ws.send_message(self.state.hello(hello))
+                        self._mark_sent(hello.key)
                         outcome[0] = "closed"
                         async with trio.open_nursery() as inner:
-                            inner.start_soon(self._sender, ws, self._own_record().key)
+                            inner.start_soon(self._sender, ws, hello.key)
                             outcome[1], outcome[0] = await self._receiver(ws, address)
                             inner.cancel_scope.cancel()
                     finally:
@@ -395,6 +410,7 @@ class SyncClient:
             if record.key != sent:
                 await ws.send_message(ClientState.record(record))
                 sent = record.key
+                self._mark_sent(sent)
             dead = self._dead_nodes()
             fresh = {n: k for n, k in dead.items() if reported.get(n) != k}
             if fresh:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
+    "GOSSIP_PORT_META",
     "CheckState",
     "Health",
     "Node",
@@ -25,6 +26,11 @@ __all__ = [
     "record_from_json",
     "record_to_json",
 ]
+
+
+#: Node meta key an agent sets to its gossip port when that is not the default
+#: (7946): the leader server probes a reported death there (server/_health.py).
+GOSSIP_PORT_META = "gossip_port"
 
 
 class Health(enum.Enum):

@@ -36,6 +36,7 @@ __all__ = [
     "Ec2Config",
     "FieldError",
     "GossipConfig",
+    "HealthConfig",
     "ProxyConfig",
     "ServerCaConfig",
     "ServerConfig",
@@ -784,6 +785,45 @@ class ServerCaConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """The leader's node-health duties (``[health]`` in server.toml; server/_health.py)."""
+
+    # s a node confirmed dead stays in the catalog (shown dead, out of DNS and the
+    # proxy) before it is reaped. Consul keeps dead nodes 72 h, which an autoscaled
+    # fleet pays for with days of terminated instances in every listing; an hour
+    # outlasts a reboot or a network blip and leaves time to see what died. Reaping
+    # early costs nothing: a node that comes back re-sends its record on reconnect
+    reap_after: float = 1 * HOURS
+    # s per TCP connect to a reported node's gossip port; a LAN connect takes
+    # < 1 ms, a refused one fails at once, only an unreachable host waits this long
+    probe_timeout: float = 1 * SECONDS
+    # connects tried before a death is confirmed; a node whose accept queue is
+    # full for a moment (CPU spike) answers one of them
+    probe_attempts: int = 3
+    probe_pause: float = 0.5 * SECONDS  # s between tries
+    # the agents' gossip port (their [gossip] bind); an agent whose gossip listens
+    # elsewhere puts its port in its node meta gossip_port, which wins
+    gossip_port: int = 7946
+    # s between sweeps when nothing changes (a new report or record wakes one at
+    # once; a reap coming due too): bounds how late a missed change is handled
+    sweep_interval: float = 10 * SECONDS
+
+    def __post_init__(self) -> None:
+        if not 1 * SECONDS <= self.reap_after <= 30 * 24 * HOURS:
+            raise FieldError("reap_after", "must be at least 1 s and at most 30 days")
+        if not 0 < self.probe_timeout <= 60 * SECONDS:
+            raise FieldError("probe_timeout", "must be > 0 and at most 60 s")
+        if not 1 <= self.probe_attempts <= 10:
+            raise FieldError("probe_attempts", "must be 1..10")
+        if not 0 <= self.probe_pause <= 60 * SECONDS:
+            raise FieldError("probe_pause", "must be 0..60 s")
+        if not 1 <= self.gossip_port <= 65535:
+            raise FieldError("gossip_port", "must be a port, 1..65535")
+        if not 0 < self.sweep_interval <= 1 * HOURS:
+            raise FieldError("sweep_interval", "must be > 0 and at most 1 h")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """A server (``/etc/hostmesh/server.toml``)."""
 
@@ -791,6 +831,7 @@ class ServerConfig:
     data_dir: str = "/var/lib/hostmesh-server"  # SQLite store and CA files
     store: StoreConfig = field(default_factory=StoreConfig)  # [store]: SQLite or etcd
     ca: ServerCaConfig = field(default_factory=ServerCaConfig)  # [ca]: mesh name, TTL, sealing
+    health: HealthConfig = field(default_factory=HealthConfig)  # [health]: deaths, reaping
 
     def __post_init__(self) -> None:
         try:

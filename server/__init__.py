@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._etcd import EtcdStore
+from ._external import ExternalChecks
 from ._server import Server
 from ._sqlite import AsyncSQLiteStore, SQLiteStore
 from ._store import MAX_KEY, MAX_LEASE_TTL, MAX_VALUE, Entry, Event, Store, open_store
@@ -16,6 +17,7 @@ __all__ = [
     "Entry",
     "EtcdStore",
     "Event",
+    "ExternalChecks",
     "SQLiteStore",
     "Server",
     "Store",

@@ -27,6 +27,7 @@ Endpoints (auth M = management token, J = join token, C = client certificate, - 
                                                           description}
     GET     /v1/catalog/external                      M  -> [service]
     GET|PUT|DELETE /v1/catalog/external/<id>          M  a services.d service + az, region
+                                                          (http/tcp checks; server/_external.py)
     *       /v1/kv/<key>                              M  Consul's KV API
     GET     /v1/ca/roots                              -  -> {trust_domain, roots, roots_pem, ...}
     GET     /v1/ca/revocations                        -  -> the revocation list (with revision)
@@ -34,6 +35,8 @@ Endpoints (auth M = management token, J = join token, C = client certificate, - 
     POST    /v1/ca/renew                              C  {csr} -> {chain, roots, ...}
     POST    /v1/ca/rotate                             M  -> {root, pin, overlap_ends}
     POST    /v1/node/<node>/revoke                    M  -> {node, revoked, revision}
+    PUT|POST /v1/agent/force-leave/<node>             M  -> {node, left: true} (Consul's path;
+                                                          server/_health.py)
 
 Writes take ``?cas=<modify_index>`` (0: create only). A mismatch is ``409
 Conflict`` with the current ``modify_index`` in the body (the CLI can say who
@@ -86,6 +89,12 @@ from hostmesh._routes import TrafficPolicy
 
 from ._ca import CsrRateLimiter, IssuedCertificate
 from ._ca_store import CaKeeper
+from ._external import (
+    EXTERNAL_PREFIX,
+    REFUSED_CHECK_KINDS,
+    check_targets,
+    external_node_name,
+)
 from ._store import MAX_VALUE, Store
 from ._tokens import Token, TokenStore
 
@@ -101,7 +110,6 @@ log = get_logger("hostmesh.server.api")
 
 TRAFFIC_PREFIX = "config/traffic/"
 INTENTIONS_PREFIX = "config/intentions/"  # config/intentions/<destination>/<source>
-EXTERNAL_PREFIX = "catalog/external/"
 #: Methods an intention may list (RFC 9110 tokens, upper case, as in _routes).
 _METHOD_RE = re.compile(r"[A-Z]{1,16}")
 #: Intentions per method list; more is a config that wanted a deny rule.
@@ -233,6 +241,7 @@ class ManagementApi:
         csr_rate: float,
         now: Callable[[], datetime] = _now,
         clock: Callable[[], float] = trio.current_time,
+        force_leave: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self.store = store
         self.tokens = tokens
@@ -241,6 +250,7 @@ class ManagementApi:
         self.now = now
         self.clock = clock
         self.limiter = CsrRateLimiter(csr_rate)
+        self._force_leave = force_leave
         self.requests = metrics.counter(
             "hostmesh_server_api_requests_total",
             "Management API requests by endpoint and status code.",
@@ -300,6 +310,8 @@ class ManagementApi:
         add(r"/v1/ca/renew", "ca_renew", {"POST": (P, self.ca_renew)})
         add(r"/v1/ca/rotate", "ca_rotate", {"POST": (M, self.ca_rotate)})
         add(r"/v1/node/([^/]+)/revoke", "node_revoke", {"POST": (M, self.node_revoke)})
+        add(r"/v1/agent/force-leave/([^/]+)", "force_leave",
+            {"PUT": (M, self.force_leave), "POST": (M, self.force_leave)})  # fmt: skip
 
     def _add(self, pattern: str, name: str, methods: dict[str, tuple[str, Route]]) -> None:
         self._routes.append((re.compile(pattern), name, methods))
@@ -564,6 +576,15 @@ class ManagementApi:
         definition = from_mapping(ServiceDefinition, body, source=f"external service {ident}")
         if not definition.address:
             raise _Refused(400, "an external service needs an address (it has no agent)", "invalid")
+        try:
+            external_node_name(ident)  # its node in the catalog (server/_external.py)
+        except ValidationError as exc:
+            raise _Refused(400, f"id: {exc} (the service's node is external-<id>)",
+                           "invalid") from None  # fmt: skip
+        for i, check in enumerate(definition.checks):
+            if check.kind in REFUSED_CHECK_KINDS:
+                raise _Refused(400, f"checks[{i}]: {REFUSED_CHECK_KINDS[check.kind]}", "invalid")
+        check_targets(definition)  # a ValidationError: 400
         value = json.dumps({**body, **placement}, sort_keys=True).encode()
         return await self._write(req, "external", EXTERNAL_PREFIX + ident, value, {"id": ident})
 
@@ -717,6 +738,17 @@ class ManagementApi:
                 "revision": self.keeper.ca.revocations.revision,
             }
         )
+
+    async def force_leave(self, req: Request, args: tuple[str, ...]) -> Response:
+        node = args[0]
+        try:
+            validate_node_name(node)
+        except ValidationError as exc:
+            raise _Refused(400, str(exc), "invalid") from None
+        if self._force_leave is None:
+            return Response.text("force-leave is not available on this server", 404)
+        await self._force_leave(node)  # NotFoundError: 404
+        return Response.json({"node": node, "left": True})
 
 
 def bearer_token(req: Request) -> str | None:

@@ -26,6 +26,9 @@ from hostmesh._systemd import notifier
 from ._api import ManagementApi
 from ._ca import CertificateAuthority
 from ._ca_store import CaKeeper, issue_server_certificate, open_ca
+from ._external import ExternalChecks
+from ._health import NodeHealth
+from ._leader import LeaderElection
 from ._listener import ServerTls, listener_context, serve_tls, server_name
 from ._store import MAX_VALUE, Entry, Store, open_store
 from ._sync import SyncHub
@@ -74,7 +77,15 @@ class Server:
         self.print_token = print_token
         self.management_token: str | None = None  # set when this start created it
         self.sync = SyncHub(self.store, metrics=self.metrics)  # agents' /v1/sync websockets
+        # The leader's checks of external services, published through the sync merge.
+        self.external = ExternalChecks(self.store, self.sync.merge_record, metrics=self.metrics)
         self.tls: ServerTls | None = None  # the listener's certificate, renewed by run()
+        # Singleton duties run only while self.leader.is_leader (run_while_leader):
+        # with SQLite this is the one server; with etcd, whoever holds the lease.
+        self.leader = LeaderElection(self.store, single=config.store.backend != "etcd",
+                                     name=server_name(), metrics=self.metrics)  # fmt: skip
+        self.health = NodeHealth(self.store, config.health, server=server_name(),
+                                 metrics=self.metrics)  # fmt: skip
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -112,6 +123,7 @@ class Server:
                 kv=self._kv_handler,
                 metrics=self.metrics,
                 csr_rate=self.config.ca.csr_rate,
+                force_leave=self.health.force_leave,
             )
         self.api.keeper = self.ca_keeper
 
@@ -119,8 +131,7 @@ class Server:
         if req.path == "/ready" and req.method == "GET":
             return Response.text("ready")
         if req.path == "/v1/status/leader" and req.method == "GET":
-            host, port = self.address or ("", 0)
-            return Response.json(f"{host}:{port}")
+            return Response.json(self.leader.leader_address)  # Consul's: "" without a leader
         if req.path == "/metrics" and req.method == "GET":
             return Response(200, self.metrics.render().encode(), content_type=CONTENT_TYPE)
         if req.path.startswith("/v1/") and self.api is not None:
@@ -219,6 +230,10 @@ class Server:
                         metrics=self.metrics,
                     )
                 )  # fmt: skip
+                self.leader.address = f"{self.address[0]}:{self.address[1]}"
+                await nursery.start(self.leader.run)
+                nursery.start_soon(self.leader.run_while_leader, self.health.run)
+                nursery.start_soon(self.leader.run_while_leader, self.external.run)
                 log.info("server started", api=f"{self.address[0]}:{self.address[1]}")
                 notifier().ready(f"serving: api {self.address[0]}:{self.address[1]}")
                 task_status.started(self.address)

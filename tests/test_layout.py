@@ -44,6 +44,8 @@ SANS_IO_MODULES = (
     "hostmesh._pki",
     "hostmesh.server._ca",
     "hostmesh.catalog._syncproto",
+    "hostmesh.server._leadership",
+    "hostmesh.server._deaths",
 )
 
 # Top-level modules a sans-IO module may not import, directly or through a sibling.
