@@ -37,6 +37,7 @@ __all__ = [
     "FieldError",
     "GossipConfig",
     "HealthConfig",
+    "IntentionsConfig",
     "ProxyConfig",
     "ServerCaConfig",
     "ServerConfig",
@@ -824,6 +825,20 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class IntentionsConfig:
+    """``[intentions]`` in server.toml: the policy for a request no intention matches."""
+
+    # "allow" or "deny". allow: a mesh works before anyone writes a rule, and
+    # deny rules close paths (Consul's default with ACLs off); deny: zero trust,
+    # every call needs an allow rule. Agents read it with the intentions
+    default: str = "allow"
+
+    def __post_init__(self) -> None:
+        if self.default not in ("allow", "deny"):
+            raise FieldError("default", f"must be allow or deny, not {self.default!r}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """A server (``/etc/hostmesh/server.toml``)."""
 
@@ -832,6 +847,8 @@ class ServerConfig:
     store: StoreConfig = field(default_factory=StoreConfig)  # [store]: SQLite or etcd
     ca: ServerCaConfig = field(default_factory=ServerCaConfig)  # [ca]: mesh name, TTL, sealing
     health: HealthConfig = field(default_factory=HealthConfig)  # [health]: deaths, reaping
+    # [intentions]: the default policy
+    intentions: IntentionsConfig = field(default_factory=IntentionsConfig)
 
     def __post_init__(self) -> None:
         try:

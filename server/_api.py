@@ -22,7 +22,9 @@ Endpoints (auth M = management token, J = join token, C = client certificate, - 
     GET     /v1/config/traffic/<service>              M  -> {service, policy, *_index}
     PUT     /v1/config/traffic/<service>[?cas=N]      M  [traffic.<service>] as JSON
     DELETE  /v1/config/traffic/<service>[?cas=N]      M
-    GET     /v1/config/intentions                     M  -> [intention]
+    GET     /v1/config/intentions                     M  -> [intention]; the default policy
+                                                          ([intentions] default) in the header
+                                                          X-Hostmesh-Intentions-Default
     GET|PUT|DELETE /v1/config/intentions/<src>/<dst>  M  {action, http: {path_prefix, methods},
                                                           description}
     GET     /v1/catalog/external                      M  -> [service]
@@ -54,7 +56,6 @@ import json
 import math
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,6 +87,7 @@ from hostmesh._log import get_logger
 from hostmesh._metrics import Registry
 from hostmesh._pki import NodeIdentity, spki_pin, validate_node_name
 from hostmesh._routes import TrafficPolicy
+from hostmesh.agent._intentions import Intention  # the model; sans-IO, shared with agents
 
 from ._ca import CsrRateLimiter, IssuedCertificate
 from ._ca_store import CaKeeper
@@ -100,6 +102,7 @@ from ._tokens import Token, TokenStore
 
 __all__ = [
     "EXTERNAL_PREFIX",
+    "INTENTIONS_DEFAULT_HEADER",
     "INTENTIONS_PREFIX",
     "TRAFFIC_PREFIX",
     "Intention",
@@ -110,10 +113,8 @@ log = get_logger("hostmesh.server.api")
 
 TRAFFIC_PREFIX = "config/traffic/"
 INTENTIONS_PREFIX = "config/intentions/"  # config/intentions/<destination>/<source>
-#: Methods an intention may list (RFC 9110 tokens, upper case, as in _routes).
-_METHOD_RE = re.compile(r"[A-Z]{1,16}")
-#: Intentions per method list; more is a config that wanted a deny rule.
-MAX_INTENTION_METHODS = 16
+#: The header of GET /v1/config/intentions that carries [intentions] default (allow|deny).
+INTENTIONS_DEFAULT_HEADER = "X-Hostmesh-Intentions-Default"
 
 Handler = Callable[[Request], Awaitable[Response]]
 #: An API handler: the request and the parts its path pattern captured.
@@ -122,55 +123,6 @@ Route = Callable[[Request, tuple[str, ...]], Awaitable[Response]]
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class HttpIntention:
-    """The HTTP part of an intention: which requests it applies to."""
-
-    path_prefix: str = ""  # "" = every path; else starts with "/"
-    methods: tuple[str, ...] = ()  # () = every method
-
-    def __post_init__(self) -> None:
-        if self.path_prefix and (
-            not self.path_prefix.startswith("/") or len(self.path_prefix) > 1024
-        ):
-            raise FieldError("path_prefix", "must start with '/' (at most 1024 characters)")
-        if len(self.methods) > MAX_INTENTION_METHODS:
-            raise FieldError("methods", f"at most {MAX_INTENTION_METHODS}")
-        for i, method in enumerate(self.methods):
-            if not _METHOD_RE.fullmatch(method):
-                raise FieldError(f"methods[{i}]", f"invalid HTTP method {method!r}")
-
-
-@dataclass(frozen=True)
-class Intention:
-    """May ``source`` call ``destination``? (Consul's intentions; shape only, evaluated by
-    the agents). ``source`` may be ``*`` (every service)."""
-
-    source: str
-    destination: str
-    action: str  # "allow" or "deny"
-    http: HttpIntention = field(default_factory=HttpIntention)
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if self.source != "*":
-            _check_name(self.source, "source")
-        _check_name(self.destination, "destination")
-        if self.action not in ("allow", "deny"):
-            raise FieldError("action", f"must be allow or deny, not {self.action!r}")
-        if len(self.description) > 256:
-            raise FieldError("description", "at most 256 characters")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "destination": self.destination,
-            "action": self.action,
-            "http": {"path_prefix": self.http.path_prefix, "methods": list(self.http.methods)},
-            "description": self.description,
-        }
 
 
 class _Refused(Exception):
@@ -228,6 +180,7 @@ class ManagementApi:
         kv: Consul's KV API handler (already written, in the server), run after
             the management-token check.
         clock: monotonic seconds for the CSR rate limiter.
+        intentions_default: ``[intentions] default``, sent with the intentions list.
     """
 
     def __init__(
@@ -242,6 +195,7 @@ class ManagementApi:
         now: Callable[[], datetime] = _now,
         clock: Callable[[], float] = trio.current_time,
         force_leave: Callable[[str], Awaitable[object]] | None = None,
+        intentions_default: str = "allow",
     ) -> None:
         self.store = store
         self.tokens = tokens
@@ -251,6 +205,7 @@ class ManagementApi:
         self.clock = clock
         self.limiter = CsrRateLimiter(csr_rate)
         self._force_leave = force_leave
+        self.intentions_default = intentions_default  # [intentions] default
         self.requests = metrics.counter(
             "hostmesh_server_api_requests_total",
             "Management API requests by endpoint and status code.",
@@ -521,7 +476,8 @@ class ManagementApi:
 
     async def intention_list(self, req: Request, args: tuple[str, ...]) -> Response:
         items = [json.loads(e.value) for e in await self.store.list(INTENTIONS_PREFIX)]
-        return Response.json(items, headers=await self._index())
+        headers = [*await self._index(), (INTENTIONS_DEFAULT_HEADER, self.intentions_default)]
+        return Response.json(items, headers=headers)
 
     async def intention_get(self, req: Request, args: tuple[str, ...]) -> Response:
         source, destination = self._pair(args)

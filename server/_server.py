@@ -124,6 +124,7 @@ class Server:
                 metrics=self.metrics,
                 csr_rate=self.config.ca.csr_rate,
                 force_leave=self.health.force_leave,
+                intentions_default=self.config.intentions.default,
             )
         self.api.keeper = self.ca_keeper
 

@@ -46,6 +46,7 @@ SANS_IO_MODULES = (
     "hostmesh.catalog._syncproto",
     "hostmesh.server._leadership",
     "hostmesh.server._deaths",
+    "hostmesh.agent._intentions",
 )
 
 # Top-level modules a sans-IO module may not import, directly or through a sibling.

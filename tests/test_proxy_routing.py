@@ -264,7 +264,9 @@ async def test_outlier_ejection_stops_traffic_to_a_failing_instance(tmp_path: Pa
         before = bad.hits
         await spread(m, 200)
         hits = bad.hits
-        assert hits - before == 5  # ejected after 5 consecutive 5xx
+        # Ejected after 5 consecutive 5xx; requests already sent to it by the
+        # other 7 concurrent clients when the fifth failed still arrive.
+        assert 5 <= hits - before < 5 + 8
         await spread(m, 200)
         assert bad.hits == hits  # ejected for 30 s
         text = await metrics(m)

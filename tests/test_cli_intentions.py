@@ -1,0 +1,114 @@
+"""`hostmesh intention allow|deny|delete|list|check` against a real `hostmesh server`
+process over HTTPS, with `[intentions] default = "deny"` in its server.toml."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from test_cli import HOSTMESH, read_until, stop
+from test_cli_server import Running, cli, one_line_error
+
+from hostmesh._pki import load_certificates, spki_pin
+
+pytestmark = pytest.mark.sockets
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    root = tmp_path_factory.mktemp("server")
+    (root / "server.toml").write_text(
+        f'bind = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n\n[intentions]\ndefault = "deny"\n'
+    )
+    proc = subprocess.Popen(
+        [HOSTMESH, "server", "-c", str(root / "server.toml"), "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+    )  # fmt: skip
+    try:
+        _, out = read_until(proc, "stdout", r"^\s+sha256:[0-9a-f]{64}$")
+        token, pin = out[1].strip(), out[3].strip()
+        match, _ = read_until(proc, "stderr", r'"msg": ?"server started".*"api": ?"([0-9.:]+)"')
+        address = match.group(1)
+        insecure = ssl.create_default_context()
+        insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+        roots_pem = httpx.get(f"https://{address}/v1/ca/roots", verify=insecure).json()["roots_pem"]
+        assert spki_pin(load_certificates(roots_pem.encode())[0]) == pin
+        (root / "roots.pem").write_text(roots_pem)
+        yield Running(address, token, pin, root / "roots.pem")
+    finally:
+        assert stop(proc, signal.SIGTERM) == 0
+
+
+def check(env: dict[str, str], *args: str) -> dict[str, object]:
+    done = cli("intention", "check", *args, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_bad_input_is_one_line(server: Running) -> None:
+    env = server.env
+    one_line_error(cli("intention", "allow", "we b", "db", env=env), "invalid source 'we b'")
+    one_line_error(cli("intention", "allow", "web", "*", env=env), "invalid destination '*'")
+    one_line_error(
+        cli("intention", "allow", "web", "db", "--path-prefix", "api", env=env),
+        "must start with '/'",
+    )
+    one_line_error(
+        cli("intention", "allow", "web", "db", "--method", "G3T", env=env), "invalid HTTP method"
+    )
+    one_line_error(cli("intention", "check", "*", "db", env=env), "concrete source")
+    one_line_error(cli("intention", "check", "web", "db", "--path", "x", env=env), "--path")
+
+
+def test_rules_written_listed_checked_and_deleted_after_bad_input(server: Running) -> None:
+    env = server.env
+    # The bad input of the test above wrote nothing.
+    assert json.loads(cli("intention", "list", "--json", env=env).stdout) == {
+        "default": "deny", "intentions": []}  # fmt: skip
+    # Nothing written yet: the server's default policy (deny, from server.toml) decides.
+    empty = check(env, "web", "db")
+    assert empty["allowed"] is False and empty["rule"] is None
+    assert "default policy (deny)" in str(empty["reason"])
+
+    assert cli("intention", "deny", "*", "db", env=env).returncode == 0
+    done = cli("intention", "allow", "web", "db", "--path-prefix", "/api", "--method", "get",
+               "--method", "HEAD", "--description", "reads", env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "web -> db allow (path /api, methods GET|HEAD)" in done.stdout
+    assert cli("intention", "allow", "api", "db", env=env).returncode == 0
+
+    listed = json.loads(cli("intention", "list", "--json", env=env).stdout)
+    assert listed["default"] == "deny"
+    assert [(r["source"], r["action"]) for r in listed["intentions"]] == [
+        ("web", "allow"), ("api", "allow"), ("*", "deny")]  # fmt: skip
+    table = cli("intention", "list", env=env).stdout
+    assert "3 intention(s), default policy: deny" in table
+    assert "path /api, methods GET|HEAD" in table and "reads" in table
+
+    # The most specific rule that matches decides, and is named.
+    ok = check(env, "web", "db", "--method", "GET", "--path", "/api/users")
+    assert ok["allowed"] is True
+    assert ok["rule"] == {"source": "web", "destination": "db", "action": "allow",
+                          "http": {"path_prefix": "/api", "methods": ["GET", "HEAD"]},
+                          "description": "reads"}  # fmt: skip
+    post = check(env, "web", "db", "--method", "POST", "--path", "/api/users")
+    assert post["allowed"] is False and "intention * -> db deny" in str(post["reason"])
+    assert check(env, "api", "db")["allowed"] is True
+    shown = cli("intention", "check", "web", "db", "--method", "GET", "--path", "/api", env=env)
+    assert shown.returncode == 0
+    assert "ALLOWED web -> db" in shown.stdout
+    assert "allowed by intention web -> db allow [path /api, methods GET|HEAD]" in shown.stdout
+
+    # Rewriting a rule replaces it; deleting one lets the less specific rule decide.
+    assert cli("intention", "deny", "api", "db", env=env).returncode == 0
+    assert check(env, "api", "db")["allowed"] is False
+    assert cli("intention", "delete", "web", "db", env=env).returncode == 0
+    gone = check(env, "web", "db", "--method", "GET", "--path", "/api")
+    assert gone["allowed"] is False and "* -> db deny" in str(gone["reason"])
+    one_line_error(cli("intention", "delete", "web", "db", env=env), "no intention web -> db")
