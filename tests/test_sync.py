@@ -116,13 +116,17 @@ async def test_records_travel_between_agents_and_config_reaches_their_routers(
                 counter(server.metrics, "hostmesh_sync_sessions_started_total", start="snapshot")
                 == 2
             )
-            # B's gossip sees A die: B reports it, the server keeps the report ...
-            b.catalog.set_node_dead("node-a", True)
-            b.notify()
-            while (report := await server.store.get("catalog/dead/node-a")) is None:
-                await trio.sleep(0.02)
-            assert json.loads(report.value)["reporters"] == ["node-b"]
-            # ... until A's next record (it is alive after all) supersedes it.
+            # B's gossip sees A die: B reports it and the server stores the report
+            # (watched, not polled: the leader's probe finds A alive and may drop
+            # the report again within milliseconds) ...
+            async with server.store.watch("catalog/dead/") as events:
+                b.catalog.set_node_dead("node-a", True)
+                b.notify()
+                async for event in events:
+                    if event.kind == "put" and event.entry.key == "catalog/dead/node-a":
+                        assert json.loads(event.entry.value)["reporters"] == ["node-b"]
+                        break
+            # ... and it is gone after A's next record (it is alive after all).
             b.catalog.set_node_dead("node-a", False)  # B's gossip hears from A again
             async with httpx.AsyncClient(base_url=addrs_a.api_url, timeout=10) as api:
                 r = await api.put("/v1/agent/service/register",
