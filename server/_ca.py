@@ -442,6 +442,30 @@ class CertificateAuthority:
 
     # --- node certificates ----------------------------------------------------
 
+    def _leaf_not_after(self, now: datetime, ttl: float | None) -> datetime:
+        """When a leaf issued ``now`` expires: its TTL, never past the root or a cross-sign.
+
+        Raises:
+            CsrRejectedError: a TTL outside ``min_leaf_ttl``..``root_ttl``.
+            CertificateError: the active root has expired.
+        """
+        ttl = self.config.leaf_ttl if ttl is None else ttl
+        if not self.config.min_leaf_ttl <= ttl <= self.config.root_ttl:
+            raise CsrRejectedError(
+                f"TTL {ttl} s is outside {self.config.min_leaf_ttl}..{self.config.root_ttl} s"
+            )
+        root = self.active
+        not_after = min(
+            now + timedelta(seconds=ttl),
+            root.cert.not_valid_after_utc,
+            *(c.not_valid_after_utc for c in self.intermediates),
+        )
+        if not_after <= now:
+            raise CertificateError(
+                f"the CA root expired at {root.cert.not_valid_after_utc.isoformat()}; rotate it"
+            )
+        return not_after
+
     def issue(
         self, csr: bytes, node: str, *, now: datetime, ttl: float | None = None
     ) -> IssuedCertificate:
@@ -465,24 +489,11 @@ class CertificateAuthority:
             validate_node_name(node)
         except ValidationError as exc:
             raise CsrRejectedError(str(exc)) from None
-        ttl = self.config.leaf_ttl if ttl is None else ttl
-        if not self.config.min_leaf_ttl <= ttl <= self.config.root_ttl:
-            raise CsrRejectedError(
-                f"TTL {ttl} s is outside {self.config.min_leaf_ttl}..{self.config.root_ttl} s"
-            )
+        not_after = self._leaf_not_after(now, ttl)
         public_key = _check_csr_key(_parse_csr(csr))
         root = self.active
         intermediates = self.intermediates
         not_before = now - timedelta(seconds=self.config.backdate)
-        not_after = min(
-            now + timedelta(seconds=ttl),
-            root.cert.not_valid_after_utc,
-            *(c.not_valid_after_utc for c in intermediates),
-        )
-        if not_after <= now:
-            raise CertificateError(
-                f"the CA root expired at {root.cert.not_valid_after_utc.isoformat()}; rotate it"
-            )
         serial = x509.random_serial_number()  # 159 random bits: no collision to check for
         identity = NodeIdentity(self.mesh, node)
         cert = (
@@ -557,23 +568,10 @@ class CertificateAuthority:
                         f"server address {address!r} is neither an IP address nor a DNS name"
                     ) from None
                 sans.append(x509.DNSName(address.lower()))
-        ttl = self.config.leaf_ttl if ttl is None else ttl
-        if not self.config.min_leaf_ttl <= ttl <= self.config.root_ttl:
-            raise CsrRejectedError(
-                f"TTL {ttl} s is outside {self.config.min_leaf_ttl}..{self.config.root_ttl} s"
-            )
+        not_after = self._leaf_not_after(now, ttl)
         public_key = _check_csr_key(_parse_csr(csr))
         root = self.active
         intermediates = self.intermediates
-        not_after = min(
-            now + timedelta(seconds=ttl),
-            root.cert.not_valid_after_utc,
-            *(c.not_valid_after_utc for c in intermediates),
-        )
-        if not_after <= now:
-            raise CertificateError(
-                f"the CA root expired at {root.cert.not_valid_after_utc.isoformat()}; rotate it"
-            )
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))

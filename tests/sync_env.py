@@ -63,6 +63,19 @@ async def nodes_tls(server: Server, nodes: list[str]) -> list[Callable[[], ssl.S
     return out
 
 
+async def start_killable(nursery: trio.Nursery, server: Server) -> tuple[trio.CancelScope, str]:
+    """Run ``server`` in ``nursery`` under its own cancel scope: cancelling the scope
+    stops that server alone, without revoking its lease (as a crash would)."""
+    scope = trio.CancelScope()
+
+    async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+        with scope:
+            await server.run(task_status=task_status)
+
+    host, port = await nursery.start(run)
+    return scope, f"{host}:{port}"
+
+
 def light_record(node: str, version: int = 1, **changes: Any) -> NodeRecord:
     return NodeRecord(Node(node, "127.0.0.1", az="dev-1a"), generation=1, version=version,
                       **changes)  # fmt: skip

@@ -4,44 +4,19 @@ process over HTTPS, with `[intentions] default = "deny"` in its server.toml."""
 from __future__ import annotations
 
 import json
-import signal
-import ssl
-import subprocess
 from collections.abc import Iterator
 
-import httpx
 import pytest
-from test_cli import HOSTMESH, read_until, stop
-from test_cli_server import Running, cli, one_line_error
-
-from hostmesh._pki import load_certificates, spki_pin
+from test_cli_server import Running, cli, one_line_error, server_process
 
 pytestmark = pytest.mark.sockets
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    root = tmp_path_factory.mktemp("server")
-    (root / "server.toml").write_text(
-        f'bind = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n\n[intentions]\ndefault = "deny"\n'
-    )
-    proc = subprocess.Popen(
-        [HOSTMESH, "server", "-c", str(root / "server.toml"), "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-    )  # fmt: skip
-    try:
-        _, out = read_until(proc, "stdout", r"^\s+sha256:[0-9a-f]{64}$")
-        token, pin = out[1].strip(), out[3].strip()
-        match, _ = read_until(proc, "stderr", r'"msg": ?"server started".*"api": ?"([0-9.:]+)"')
-        address = match.group(1)
-        insecure = ssl.create_default_context()
-        insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
-        roots_pem = httpx.get(f"https://{address}/v1/ca/roots", verify=insecure).json()["roots_pem"]
-        assert spki_pin(load_certificates(roots_pem.encode())[0]) == pin
-        (root / "roots.pem").write_text(roots_pem)
-        yield Running(address, token, pin, root / "roots.pem")
-    finally:
-        assert stop(proc, signal.SIGTERM) == 0
+    extra = '\n[intentions]\ndefault = "deny"\n'
+    with server_process(tmp_path_factory.mktemp("server"), extra) as running:
+        yield running
 
 
 def check(env: dict[str, str], *args: str) -> dict[str, object]:

@@ -3,6 +3,7 @@ splits with compare-and-swap, node revocation, root rotation and `hostmesh certs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -62,10 +63,12 @@ def one_line_error(done: subprocess.CompletedProcess[str], words: str) -> None:
     assert words in done.stderr, done.stderr
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    root = tmp_path_factory.mktemp("server")
-    (root / "server.toml").write_text(f'bind = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n')
+@contextlib.contextmanager
+def server_process(root: Path, extra_toml: str = "") -> Iterator[Running]:
+    """A real ``hostmesh server`` in ``root``: its printed token and pin, its verified roots."""
+    (root / "server.toml").write_text(
+        f'bind = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n{extra_toml}'
+    )
     proc = subprocess.Popen(
         [HOSTMESH, "server", "-c", str(root / "server.toml"), "--log-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
@@ -84,6 +87,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         yield Running(address, token, pin, root / "roots.pem")
     finally:
         assert stop(proc, signal.SIGTERM) == 0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    with server_process(tmp_path_factory.mktemp("server")) as running:
+        yield running
 
 
 def test_tokens_kv_and_errors_through_the_cli(server: Running) -> None:

@@ -16,7 +16,7 @@ import pytest
 import trio
 from conftest import agent_config, trio_test
 from etcd_cluster import EtcdCluster
-from sync_env import light_record, node_tls, server_verify
+from sync_env import light_record, node_tls, server_verify, start_killable
 from test_sync import FAST_SYNC, counter
 
 from hostmesh import ServerConfig, StoreConfig
@@ -228,20 +228,9 @@ def test_killing_the_leader_server_moves_its_duties_and_its_agents(tmp_path: Pat
             addresses: list[str] = []
             async with trio.open_nursery() as nursery:
                 for server in servers:  # each in its own scope, so that one can die alone
-                    scope = trio.CancelScope()
-
-                    async def run(
-                        server: Server = server,
-                        scope: trio.CancelScope = scope,
-                        *,
-                        task_status: trio.TaskStatus[tuple[str, int]],
-                    ) -> None:
-                        with scope:
-                            await server.run(task_status=task_status)
-
-                    host, port = await nursery.start(run)
+                    scope, address = await start_killable(nursery, server)
                     scopes.append(scope)
-                    addresses.append(f"{host}:{port}")
+                    addresses.append(address)
                 leader = await _the_one_leader(servers, addresses)
                 li = servers.index(leader)
                 # Every server names the same leader on Consul's path.

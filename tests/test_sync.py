@@ -18,7 +18,7 @@ import trio
 import trio_websocket
 from conftest import agent_config, running_agent, trio_test
 from etcd_cluster import EtcdCluster
-from sync_env import MESH, LightAgent, light_record, node_tls, nodes_tls
+from sync_env import MESH, LightAgent, light_record, node_tls, nodes_tls, start_killable
 
 from hostmesh import ServerConfig, StoreConfig
 from hostmesh._config import ServerCaConfig, SyncConfig
@@ -340,20 +340,9 @@ def test_an_agent_fails_over_to_the_second_server_on_one_etcd(tmp_path: Path) ->
             addresses: list[str] = []
             async with trio.open_nursery() as nursery:
                 for server in servers:  # each in its own scope, so that one can die alone
-                    scope = trio.CancelScope()
-
-                    async def run(
-                        server: Server = server,
-                        scope: trio.CancelScope = scope,
-                        *,
-                        task_status: trio.TaskStatus[tuple[str, int]],
-                    ) -> None:
-                        with scope:
-                            await server.run(task_status=task_status)  # fmt: skip
-
-                    host, port = await nursery.start(run)
+                    scope, address = await start_killable(nursery, server)
                     scopes.append(scope)
-                    addresses.append(f"{host}:{port}")
+                    addresses.append(address)
                 # One CA for both: the second server loaded the state the first made.
                 assert servers[0].ca.bundle_pem() == servers[1].ca.bundle_pem()
                 cfg = replace(agent_config(tmp_path / "agent", servers=tuple(addresses),
