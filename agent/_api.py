@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostmesh import __version__
 from hostmesh._config import MINUTES, parse_duration
@@ -30,6 +30,9 @@ from ._consul import (
 )
 from ._daemon import Agent, jittered_wait
 from ._state import SOURCE_API
+
+if TYPE_CHECKING:
+    from ._certs import NodeCertificate
 
 __all__ = ["AgentApi"]
 
@@ -65,6 +68,8 @@ class AgentApi:
         add("PUT", r"/v1/agent/check/(?P<a>pass|warn|fail)/(?P<b>[^/]+)", self.check_ttl)
         add("PUT", r"/v1/agent/check/update/(?P<b>[^/]+)", self.check_update)
         add("GET", r"/v1/agent/self", self.agent_self)
+        add("GET", r"/v1/agent/certificate", self.certificate)
+        add("PUT", r"/v1/agent/certificate/renew", self.certificate_renew)
         add("GET", r"/v1/agent/members", self.agent_members)
         for method in ("GET", "POST", "PUT", "DELETE"):
             add(method, r"/v1/operator/keyring", self.keyring)
@@ -227,6 +232,25 @@ class AgentApi:
             }
         )
 
+    async def certificate(self, req: Request) -> Response:
+        """This node's certificate (hostmesh's; Consul has no node certificates)."""
+        cert = self.agent._node_credentials()
+        if cert is None:
+            return Response.text("this agent has no node certificate", 404)
+        return Response.json(_certificate_json(cert))
+
+    async def certificate_renew(self, req: Request) -> Response:
+        """Renew the node certificate now; answers the new one."""
+        from hostmesh._errors import AuthError, CertificateError
+
+        try:
+            cert = await self.agent.renew_certificate()
+        except AuthError as exc:
+            return Response.text(f"renewal refused: {exc}", 403)
+        except CertificateError as exc:
+            return Response.text(str(exc), 409)
+        return Response.json(_certificate_json(cert))
+
     async def agent_members(self, req: Request) -> Response:
         """Consul's member list (Serf status numbers) plus hostmesh's State and Incarnation."""
         gossip = self.agent.gossip
@@ -373,3 +397,14 @@ class AgentApi:
             self.agent.metrics.render().encode(),
             content_type="text/plain; version=0.0.4; charset=utf-8",
         )
+
+
+def _certificate_json(cert: NodeCertificate) -> dict[str, Any]:
+    leaf = cert.cert
+    return {
+        "Identity": str(cert.identity.spiffe_id),
+        "Serial": f"{leaf.serial_number:x}",
+        "NotBefore": leaf.not_valid_before_utc.isoformat(),
+        "NotAfter": leaf.not_valid_after_utc.isoformat(),
+        "RenewAt": cert.renew_at.isoformat(),
+    }

@@ -36,11 +36,13 @@ from hostmesh._systemd import notifier
 from hostmesh.catalog import Catalog, Health, Node
 from hostmesh.catalog._gossip import DEFAULT_PORT, GossipNode, UdpTcpTransport
 from hostmesh.catalog._keyring import Keyring
-from hostmesh.catalog._model import GOSSIP_PORT_META
+from hostmesh.catalog._model import DEFAULT_INBOUND_PORT, GOSSIP_PORT_META, INBOUND_PORT_META
 from hostmesh.catalog._swim import Swim
 from hostmesh.dns import DnsCore, Recursor, recursor_addresses, serve_dns
 
 from ._checks import CheckRunner
+from ._identity import IdentityMap
+from ._intentions import Intentions
 from ._proxy import Proxy
 from ._routing import Router, build_snapshot
 from ._state import SOURCE_API, LocalState, Registration, atomic_write
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
     from hostmesh.catalog._syncproto import Applied
 
     from ._certs import CertificateManager, NodeCertificate
+    from ._inbound import InboundProxy, LocalInstance
+    from ._mtls import MeshTls
 
 __all__ = ["LIVE_CONFIG", "Agent", "AgentAddresses"]
 
@@ -80,6 +84,7 @@ class AgentAddresses:
     dns: tuple[str, int]
     gossip: str  # host:port, UDP and TCP
     proxy: tuple[str, int] = ("", 0)  # outbound HTTP proxy
+    inbound: tuple[str, int] = ("", 0)  # inbound mTLS listener (("", 0): not running)
     upstreams: tuple[tuple[str, int], ...] = ()  # TCP upstream listeners, in config order
 
     @property
@@ -98,6 +103,10 @@ class Agent:
         sync_tls: returns the SSL context with this node's certificate for the
             server sync (agent/_certs.py); with ``servers`` configured, sync
             retries until this is set (also later, as ``agent.sync_tls``).
+        node_certificate: this node's certificate, given (tests); otherwise an
+            agent with ``servers`` gets and renews one itself. Either turns on
+            the mTLS hop: the inbound listener, remote instances reached through
+            their agents, workload identities and intentions.
     """
 
     def __init__(
@@ -108,6 +117,7 @@ class Agent:
         http_transport: httpx.AsyncBaseTransport | None = None,
         sync_tls: Callable[[], ssl.SSLContext] | None = None,
         load_config: Callable[[], AgentConfig] | None = None,
+        node_certificate: NodeCertificate | None = None,
     ) -> None:
         self.config = config
         self._load_config = load_config  # re-reads agent.toml on SIGHUP; None: no file
@@ -145,6 +155,13 @@ class Agent:
         self.certificates: CertificateManager | None = None  # the node certificate, if we join
         self.trust = TrustBundle()  # CA roots and revocations pushed by the servers
         self._synced_traffic: dict[str, TrafficPolicy] = {}  # config/traffic/<service>
+        self.node_certificate = node_certificate
+        self.intentions = Intentions()  # the servers' (sync); allow-all before any
+        self._identities = IdentityMap(config.node_name)
+        self.mesh: MeshTls | None = None
+        self.inbound: InboundProxy | None = None
+        if config.servers or node_certificate is not None:
+            self._enable_mesh()
         self.sync: SyncClient | None = None
         if config.servers:
             self.sync = SyncClient(
@@ -178,6 +195,83 @@ class Agent:
                 f"Local checks currently {status.value}",
                 functools.partial(self._count_checks, status),
             )
+
+    def _enable_mesh(self) -> None:
+        """The mTLS hop: inbound listener, remote instances through their agents,
+        identities and intentions on the outbound proxy."""
+        from ._inbound import InboundProxy
+        from ._mtls import MeshTls
+
+        cfg = self.config
+        self.mesh = MeshTls(self._node_credentials, self.trust)
+        proxy = self.proxy
+        proxy.node = cfg.node_name
+        proxy.mesh = self.mesh
+        proxy.identify = self._identify
+        proxy.intentions = self._current_intentions
+        bind = cfg.inbound.bind or (
+            f"[{cfg.address}]:{DEFAULT_INBOUND_PORT}" if ":" in cfg.address
+            else f"{cfg.address}:{DEFAULT_INBOUND_PORT}"
+        )  # fmt: skip
+        inbound_cfg = replace(cfg.proxy, bind=bind, max_connections=cfg.inbound.max_connections,
+                              header_timeout=cfg.inbound.handshake_timeout)  # fmt: skip
+        self.inbound = InboundProxy(
+            inbound_cfg, self.router, node=cfg.node_name, mesh=self.mesh, catalog=self.catalog,
+            local=self._local_instance, intentions=self._current_intentions,
+            registry=self.metrics,
+        )  # fmt: skip
+        stats = self.inbound.stats
+        self.metrics.counter_func(
+            "hostmesh_inbound_refused_total",
+            "Connections and requests the inbound listener refused, by reason", ("reason",),
+            lambda: {(k,): v for k, v in stats.refused.items()})  # fmt: skip
+        self.metrics.gauge_func(
+            "hostmesh_inbound_open_connections", "Connections from other agents open on :4141",
+            lambda: stats.open_connections)  # fmt: skip
+
+    def _node_credentials(self) -> NodeCertificate | None:
+        if self.node_certificate is not None:
+            return self.node_certificate
+        return self.certificates.current if self.certificates is not None else None
+
+    def _current_intentions(self) -> Intentions:
+        return self.intentions
+
+    def _identify(self, peer: tuple[str, int], local: tuple[str, int]) -> str:
+        """A local client's workload identity (blocking: /proc reads; run in a thread)."""
+        return self._identities.identify(peer, local).name
+
+    def _refresh_identities(self) -> None:
+        defs = [reg.definition for reg in self.state.registrations.values()]
+        self._identities = found = IdentityMap.from_services(defs, self.config.node_name)
+        for user in sorted(found.ambiguous):
+            log.warning("user runs several services: its connections get the host identity",
+                        user=user)  # fmt: skip
+        for user in sorted(found.unknown_users):
+            log.warning("service user unknown to this system", user=user)
+
+    def _local_instance(self, instance_id: str) -> LocalInstance | None:
+        from ._inbound import LocalInstance
+
+        reg = self.state.registrations.get(instance_id)
+        if reg is None:
+            return None
+        d = reg.definition
+        # No address of its own: on loopback (a service bound to 127.0.0.1 is then
+        # reachable from other hosts only through the mesh).
+        return LocalInstance(d.id, d.name, d.address or "127.0.0.1", d.port)
+
+    async def renew_certificate(self) -> NodeCertificate:
+        """Renew the node certificate now (``PUT /v1/agent/certificate/renew``): after a
+        ``ca rotate``, or to test a rotation under load.
+
+        Raises:
+            CertificateError: this agent has no servers or no certificate yet.
+            AuthError: the server refused.
+        """
+        if self.certificates is None or self.certificates.current is None:
+            raise CertificateError("this agent has no node certificate from a server to renew")
+        return await self.certificates.renew()
 
     def _register_proxy_metrics(self) -> None:
         stats = self.proxy.stats
@@ -227,6 +321,8 @@ class Agent:
             self._synced_traffic = traffic
         if applied.ca:
             self.trust.update(*self.sync.trust())
+        if applied.config:
+            self.intentions = self.sync.intentions()
         if applied.config:
             self.refresh_routes()  # the catalog index did not move: rebuild now
         if applied.config or applied.catalog:
@@ -352,6 +448,8 @@ class Agent:
             ValidationError: the registration conflicts with another.
         """
         self.state.register(defn, source)
+        if self.mesh is not None:
+            self._refresh_identities()
         wanted = {defn.check_id(i): c for i, c in enumerate(defn.checks)}
         for check_id, (runner, scope, owner) in list(self._runners.items()):
             if owner.id == defn.id and wanted.get(check_id) != runner.definition:
@@ -365,6 +463,8 @@ class Agent:
     def deregister(self, instance_id: str) -> Registration:
         """Raises NotFoundError for an unknown instance id."""
         reg = self.state.deregister(instance_id)
+        if self.mesh is not None:
+            self._refresh_identities()
         for check_id, (_runner, scope, owner) in list(self._runners.items()):
             if owner.id == instance_id:
                 scope.cancel()
@@ -501,7 +601,11 @@ class Agent:
         open_before = self.proxy.stats.open_connections
         log.info("draining", connections=open_before, timeout=f"{timeout:g}s")
         with trio.move_on_after(timeout):
+            if self.inbound is not None:
+                self.inbound.begin_drain()  # callers see a refused connect: they go elsewhere
             await self.proxy.drain()
+            if self.inbound is not None:
+                await self.inbound.drain()
         left = self.proxy.stats.open_connections
         if self.proxy.drained:
             log.info("drained", connections=open_before)
@@ -617,11 +721,17 @@ class Agent:
                 upstream_addrs.append(
                     await nursery.start(
                         functools.partial(
-                            serve_tcp_upstream, _listen(up.bind), up, self.router,
+                            serve_tcp_upstream, _listen(up.bind), up, self.proxy,
                             connect_timeout=self.config.proxy.connect_timeout,
                         )
                     )
                 )  # fmt: skip
+            inbound_addr: tuple[str, int] = ("", 0)
+            if self.inbound is not None:
+                inbound_addr = await nursery.start(self.inbound.serve,
+                                                   _listen(self.inbound.config.bind))  # fmt: skip
+                if inbound_addr[1] != DEFAULT_INBOUND_PORT:  # where other agents must dial
+                    self.state.set_node_meta(INBOUND_PORT_META, str(inbound_addr[1]))
             nursery.start_soon(self._reap_critical)
             if handle_signals:
                 await nursery.start(self._reload_on_sighup)
@@ -632,7 +742,7 @@ class Agent:
                 await nursery.start(self.sync.run)  # retries until there is a certificate
             self.addresses = AgentAddresses(
                 api=api_addr, dns=dns_addr, gossip=gossip_addr, proxy=proxy_addr,
-                upstreams=tuple(upstream_addrs),
+                inbound=inbound_addr, upstreams=tuple(upstream_addrs),
             )  # fmt: skip
             self.ready = True
             log.info(
@@ -643,6 +753,7 @@ class Agent:
                 api=f"{api_addr[0]}:{api_addr[1]}",
                 dns=f"{dns_addr[0]}:{dns_addr[1]}",
                 proxy=f"{proxy_addr[0]}:{proxy_addr[1]}",
+                inbound=f"{inbound_addr[0]}:{inbound_addr[1]}" if inbound_addr[1] else "-",
                 gossip=gossip_addr,
                 services=len(self.state.registrations),
             )

@@ -39,6 +39,8 @@ from hostmesh._config import FieldError, _check_name, from_mapping
 from hostmesh._errors import ConfigError
 
 __all__ = [
+    "INTENTIONS_DEFAULT_KEY",
+    "INTENTIONS_PREFIX",
     "MAX_INTENTION_METHODS",
     "Decision",
     "HttpIntention",
@@ -57,6 +59,12 @@ MAX_PATH_PREFIX = 1024
 WILDCARD = "*"
 
 Policy = Literal["allow", "deny"]
+
+#: Store keys the servers keep intentions under, streamed to agents with the
+#: rest of ``config/``: one entry per rule (``<prefix><destination>/<source>``)
+#: and the default policy (``{"default": "allow"|"deny"}``, from server.toml).
+INTENTIONS_PREFIX = "config/intentions/"
+INTENTIONS_DEFAULT_KEY = "config/intentions-default"
 
 
 @dataclass(frozen=True)

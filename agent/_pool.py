@@ -15,7 +15,7 @@ import contextlib
 import errno
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -209,8 +209,18 @@ class Pool:
             self.discard(conn)
         return None
 
-    async def open(self, host: str, port: int, dl: Deadline | None = None) -> Stream:
+    async def open(
+        self,
+        host: str,
+        port: int,
+        dl: Deadline | None = None,
+        *,
+        dial: Callable[[], Awaitable[Stream]] | None = None,
+    ) -> Stream:
         """A new connection counted against the upstream's cap.
+
+        ``dial`` replaces the plain TCP connect (the mTLS hop's handshake); its
+        stream's ``key`` must be ``(host, port)``.
 
         Raises:
             ConnectError: at the cap, or the connect failed.
@@ -218,7 +228,7 @@ class Pool:
         key = (host, port)
         if self._open.get(key, 0) >= self.max_per_upstream:
             raise ConnectError(errno.EAGAIN, f"{host}:{port}: connection pool full")
-        conn = await connect(host, port, dl)
+        conn = await (dial() if dial is not None else connect(host, port, dl))
         self._open[key] = self._open.get(key, 0) + 1
         self._on_open(1)
         return conn

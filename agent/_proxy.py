@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -48,16 +49,23 @@ from ._http1 import (
     parse_response_head,
     response_framing,
 )
-from ._pool import CHECKPOINT_EVERY, ConnectError, Pool, Stream
+from ._pool import CHECKPOINT_EVERY, ConnectError, Pool, Stream, connect
 from ._resilience import REPLAY_BUFFER, may_retry
-from ._routing import Endpoint, Router, RouteState
+from ._routing import Endpoint, Router
 
-__all__ = ["Proxy", "ProxyStats", "error_response"]
+if TYPE_CHECKING:
+    from hostmesh._routes import Route
+
+    from ._intentions import Intentions
+    from ._mtls import MeshTls
+
+__all__ = ["Proxy", "ProxyStats", "RouteLike", "error_response"]
 
 _log = get_logger(__name__)
 
 _PHRASES = {
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
@@ -73,6 +81,10 @@ _PHRASES = {
 #: Mesh headers (the mTLS hop's source identity and destination); a local
 #: client may never set them.
 _MESH_PREFIX = b"hostmesh-"
+#: Errors an inbound agent answers for the instance it was asked for (it is
+#: down or gone) that the calling agent handles as a failed try: retried on
+#: another instance and counted for ejection. (reason, the request reached it)
+_HOP_FAILURES = {b"connect-failed": False, b"no-instance": False, b"upstream-reset": True}
 #: A version-00 traceparent; all-zero trace and parent ids are invalid (W3C
 #: Trace Context §3.2.2). Anything else is replaced by a new trace.
 #: How long an ``Expect: 100-continue`` request waits for the upstream's 100
@@ -110,6 +122,33 @@ class ProxyStats:
     open_connections: int = 0
     upstream_connections: int = 0
     connections_refused: int = 0  # over max_connections
+
+
+class RouteLike(Protocol):
+    """What one request's forwarding needs of its route (:class:`~._routing.RouteState`,
+    or the inbound agent's fixed local instance)."""
+
+    @property
+    def route(self) -> Route: ...
+    def admit(self, now: float) -> None: ...
+    def release(self) -> None: ...
+    def deposit(self, now: float) -> None: ...
+    def withdraw(self, now: float) -> bool: ...
+    def pick(self, tried: set[str], now: float) -> Endpoint: ...
+    def finish(self, endpoint: Endpoint, ok: bool, latency: float, now: float) -> None: ...
+    def count_response(self, status: int, duration: float) -> None: ...
+
+
+class Conn:
+    """One client connection's facts, learnt once: its address and who it is."""
+
+    __slots__ = ("addr", "identity", "peer", "stream")
+
+    def __init__(self, addr: tuple[str, int]) -> None:
+        self.addr = addr
+        self.peer = addr[0]  # for X-Forwarded-For
+        self.identity: str | None = None  # workload identity, looked up on first need
+        self.stream: Stream | None = None
 
 
 class _Attempt(Exception):
@@ -160,6 +199,13 @@ class Proxy:
         self._accepting = trio.CancelScope()
         self._idle: set[Deadline] = set()  # connections waiting for their next request
         self._drained = trio.Event()  # set once draining and no connection is left
+        # The mTLS hop (set by the agent when it has a node certificate authority):
+        # instances of other nodes are reached through their agent, callers are
+        # identified and intentions enforced. None: every instance is dialled directly.
+        self.node = ""  # this node's name: its instances are dialled directly
+        self.mesh: MeshTls | None = None
+        self.identify: Callable[[tuple[str, int], tuple[str, int]], str] | None = None
+        self.intentions: Callable[[], Intentions] | None = None
 
     def _count_upstream(self, delta: int) -> None:
         self.stats.upstream_connections += delta
@@ -206,7 +252,7 @@ class Proxy:
                     self.stats.connections_refused += 1
                     self._reject_connection(sock)
                     continue
-                nursery.start_soon(self._client, sock, peer[0])
+                nursery.start_soon(self._client, sock, peer)
 
     async def drain(self) -> None:
         """Stop accepting, finish requests in flight, close idle connections.
@@ -258,26 +304,35 @@ class Proxy:
 
     # --- one client connection -------------------------------------------------------
 
-    async def _client(self, sock: socket.socket, peer: str) -> None:
+    async def _open_client(self, sock: socket.socket, dl: Deadline, conn: Conn) -> Stream | None:
+        """The client's stream (the inbound listener shakes hands here); None: refused."""
+        return Stream(sock)
+
+    async def _client(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = Stream(sock)
         dl = self.timer.deadline()
         self.stats.open_connections += 1
+        client: Stream | None = None
         try:
+            conn = Conn(addr)
+            client = conn.stream = await self._open_client(sock, dl, conn)
+            if client is None:
+                return
             first = True
             while True:
                 head = await self._read_head(client, dl, first)
                 if head is None:
                     return
                 first = False
-                if not await self._exchange(client, dl, head, peer):
+                if not await self._exchange(client, dl, head, conn):
                     return
         except HttpError as exc:
             self._refuse(exc.reason)
             dl.after(self.config.header_timeout)  # a client that does not read its error
-            with contextlib.suppress(OSError, DeadlineExceeded):
-                await client.send(error_response(exc.status, exc.reason, exc.detail, close=True),
-                                  dl)  # fmt: skip
+            if client is not None:
+                with contextlib.suppress(OSError, DeadlineExceeded):
+                    await client.send(error_response(exc.status, exc.reason, exc.detail,
+                                                     close=True), dl)  # fmt: skip
         except OSError:
             self._refuse("client-reset")
         except DeadlineExceeded:
@@ -286,7 +341,10 @@ class Proxy:
             self.stats.open_connections -= 1
             self._idle.discard(dl)
             dl.close()
-            client.close()
+            if client is not None:
+                client.close()
+            else:
+                sock.close()
             if self.draining and self.stats.open_connections == 0:
                 self._drained.set()
 
@@ -404,7 +462,39 @@ class Proxy:
             lines.append(b"Upgrade: " + (req.get(b"upgrade") or b""))
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    async def _exchange(self, client: Stream, dl: Deadline, head_bytes: bytes, peer: str) -> bool:
+    async def _route(self, req: Head, service: bytes, path: bytes, conn: Conn,
+                     now: float) -> tuple[RouteLike, bytes]:  # fmt: skip
+        """The request's route and the caller's identity for the mesh headers.
+
+        Raises:
+            HttpError: no such service or route; 403 when intentions deny the caller.
+        """
+        name = service.decode("ascii", "replace")
+        state = self.router.route(name, req.method.decode("ascii"), path.decode("latin-1"),
+                                  req.fields, now)  # fmt: skip
+        if self.mesh is None:
+            return state, b""
+        source = conn.identity
+        if source is None:
+            source = conn.identity = await self._identify(conn)
+        if self.intentions is not None:
+            # Enforced by the destination's agent; refused here at once when we know.
+            decision = self.intentions().decide(source, name, req.method.decode("ascii"),
+                                                _path_only(path))  # fmt: skip
+            if not decision.allowed:
+                _log.info("request denied", source=source, destination=name,
+                          reason=decision.reason)  # fmt: skip
+                raise HttpError(403, "intention-denied", decision.reason)
+        return state, source.encode()
+
+    async def _identify(self, conn: Conn) -> str:
+        """The local caller's workload identity (/proc/net/tcp, read in a thread)."""
+        if self.identify is None or conn.stream is None:
+            return f"host:{self.node}"
+        local = conn.stream.sock.getsockname()
+        return await trio.to_thread.run_sync(self.identify, conn.addr, local)
+
+    async def _exchange(self, client: Stream, dl: Deadline, head_bytes: bytes, conn: Conn) -> bool:
         """Proxy one request; True when the client connection may carry another."""
         req = parse_request_head(head_bytes)
         service, path = self._destination(req)
@@ -417,11 +507,9 @@ class Proxy:
         expect = req.get(b"expect")
         if expect is not None and expect.lower() != b"100-continue":
             raise HttpError(417, "bad-expect", "only Expect: 100-continue is supported")
-        method = req.method.decode("ascii")
         now = self._clock()
         try:
-            state = self.router.route(service.decode("ascii", "replace"), method,
-                                      path.decode("latin-1"), req.fields, now)  # fmt: skip
+            state, source = await self._route(req, service, path, conn, now)
         except HttpError as exc:
             return await self._refuse_request(client, dl, exc, framing, length, client_close)
         # A body held whole can be replayed on a retry; a larger one streams once.
@@ -440,9 +528,10 @@ class Proxy:
                                               length - len(body or b""),
                                               client_close and body is not None)  # fmt: skip
         try:
-            return await self._forward(client, dl, req, state, path, peer, body, framing, length,
-                                       client_close=client_close, upgrade=upgrade,
-                                       expect=expect is not None)  # fmt: skip
+            return await self._forward(client, dl, req, state, path, conn.peer, body, framing,
+                                       length, client_close=client_close, upgrade=upgrade,
+                                       expect=expect is not None,
+                                       hop=(source, service))  # fmt: skip
         finally:
             state.release()
 
@@ -477,9 +566,10 @@ class Proxy:
         await client.send(error_response(exc.status, exc.reason, exc.detail, close=not keep), dl)
         return keep
 
-    async def _forward(self, client: Stream, dl: Deadline, req: Head, state: RouteState,
+    async def _forward(self, client: Stream, dl: Deadline, req: Head, state: RouteLike,
                        path: bytes, peer: str, body: bytes | None, framing: str, length: int, *,
-                       client_close: bool, upgrade: bool, expect: bool) -> bool:  # fmt: skip
+                       client_close: bool, upgrade: bool, expect: bool,
+                       hop: tuple[bytes, bytes]) -> bool:  # fmt: skip
         route = state.route
         policy = route.retries
         head = self._upstream_head(req, path, peer, chunked=framing == "chunked", upgrade=upgrade)
@@ -493,7 +583,7 @@ class Proxy:
         state.deposit(start)
         while True:
             endpoint = state.pick(tried, self._clock())
-            tried.add(endpoint.id)
+            tried.add(endpoint.uid)
             try_deadline = deadline
             if route.per_try_timeout > 0:
                 try_deadline = min(deadline, trio.current_time() + route.per_try_timeout)
@@ -502,7 +592,8 @@ class Proxy:
             try:
                 try:
                     upstream, resp = await self._attempt(client, dl, endpoint, head, body,
-                                                         framing, length, expect)  # fmt: skip
+                                                         framing, length, expect,
+                                                         hop)  # fmt: skip
                 except DeadlineExceeded:  # the attempt discarded its connection
                     raise _Attempt(504, "timeout", "upstream timed out", connected=True) from None
             except _Attempt as failure:
@@ -549,23 +640,39 @@ class Proxy:
                                        client_close=client_close, upgrade=upgrade,
                                        exhausted=exhausted)  # fmt: skip
 
+    def _via_hop(self, endpoint: Endpoint) -> bool:
+        """Is ``endpoint`` reached through its node's agent (mTLS) rather than dialled?"""
+        return self.mesh is not None and endpoint.node != self.node and not endpoint.external
+
     async def _attempt(self, client: Stream, dl: Deadline, endpoint: Endpoint, head: bytes,
-                       body: bytes | None, framing: str, length: int,
-                       expect: bool) -> tuple[Stream, Head]:  # fmt: skip
+                       body: bytes | None, framing: str, length: int, expect: bool,
+                       hop: tuple[bytes, bytes]) -> tuple[Stream, Head]:  # fmt: skip
         """Send the request on a pooled or new connection and read the response head.
 
         A reused connection that fails before any response byte is retried
         once on a fresh one (the peer closed it while idle): never the
-        client's problem.
+        client's problem. An instance on another node is asked through its
+        agent: the head gets the mesh headers (caller, service, instance).
 
         Raises:
             _Attempt: connect failure, reset, or a malformed response.
             DeadlineExceeded: ``dl`` (the try's deadline) passed.
         """
+        via_hop = self._via_hop(endpoint)
+        key = endpoint.key
+        if via_hop:
+            key = endpoint.inbound
+            source, service = hop
+            head = (head[:-2] + b"hostmesh-source: " + source + b"\r\nhostmesh-destination: "
+                    + service + b"\r\nhostmesh-instance: " + endpoint.id.encode()
+                    + b"\r\n\r\n")  # fmt: skip
         for fresh in (False, True):
-            upstream = None if fresh else self.pool.take_idle(endpoint.key, self._clock())
+            upstream = None if fresh else self.pool.take_idle(key, self._clock())
+            if upstream is not None and via_hop and _peer_node(upstream) != endpoint.node:
+                self.pool.discard(upstream)  # that address is another node's now
+                upstream = None
             if upstream is None:
-                upstream = await self._connect(dl, endpoint)
+                upstream = await self._connect(dl, endpoint, via_hop)
             try:
                 got = await self._send_and_read(client, dl, upstream, head, body, framing,
                                                 length, expect)  # fmt: skip
@@ -580,6 +687,8 @@ class Proxy:
                 self.pool.discard(upstream)  # cancelled (timeout): the connection is unusable
                 raise
             if got is not None:
+                if via_hop and got.status >= 500:
+                    self._hop_failure(upstream, got)
                 return upstream, got
             self.pool.discard(upstream)
             if not (upstream.reused and body is not None):
@@ -587,17 +696,41 @@ class Proxy:
                                f"{endpoint.id} closed the connection", connected=True)  # fmt: skip
         raise AssertionError("unreachable")
 
-    async def _connect(self, dl: Deadline, endpoint: Endpoint) -> Stream:
-        """A new connection to ``endpoint`` within ``connect_timeout`` (and ``dl``).
+    def _hop_failure(self, upstream: Stream, resp: Head) -> None:
+        """An inbound agent's error for its instance: raise it as a failed try.
 
         Raises:
-            _Attempt: refused, unreachable, pool full, or connect_timeout passed.
+            _Attempt: the instance was down or gone (connect-failed, no-instance)
+                or reset; another instance may take the request.
+        """
+        reason = resp.get(b"hostmesh-error")
+        if reason not in _HOP_FAILURES:
+            return
+        framing, length = response_framing(resp, b"GET")
+        if framing == "length" and length <= len(upstream.buf):
+            del upstream.buf[:length]  # its one-line body: the connection stays usable
+            self.pool.release(upstream, self._clock())
+        else:
+            self.pool.discard(upstream)
+        text = reason.decode("ascii", "replace")
+        raise _Attempt(resp.status, text, f"the instance's agent answered {resp.status} {text}",
+                       connected=_HOP_FAILURES[reason])  # fmt: skip
+
+    async def _connect(self, dl: Deadline, endpoint: Endpoint, via_hop: bool = False) -> Stream:
+        """A new connection to ``endpoint`` (or its agent) within ``connect_timeout``.
+
+        Raises:
+            _Attempt: refused, unreachable, pool full, connect_timeout passed,
+                or the peer agent's TLS refused.
             DeadlineExceeded: ``dl`` passed first.
         """
         try_deadline = dl.at
         dl.set(min(try_deadline, trio.current_time() + self.config.connect_timeout))
         try:
-            upstream = await self.pool.open(endpoint.host, endpoint.port, dl)
+            if via_hop:
+                upstream = await self._connect_hop(dl, endpoint)
+            else:
+                upstream = await self.pool.open(endpoint.host, endpoint.port, dl)
         except ConnectError as exc:
             raise _Attempt(502, "connect-failed", f"connect to {endpoint.id} failed: "
                            f"{exc.strerror or exc}", connected=False) from None  # fmt: skip
@@ -608,6 +741,87 @@ class Proxy:
                            connected=False) from None  # fmt: skip
         dl.set(try_deadline)
         return upstream
+
+    async def caller(self, sock: socket.socket, addr: tuple[str, int]) -> str:
+        """The workload identity of a local client socket (TCP upstreams ask once each)."""
+        conn = Conn(addr)
+        conn.stream = Stream(sock)
+        return await self._identify(conn)
+
+    def decide(self, source: str, service: str, method: str | None = None,
+               path: str | None = None) -> tuple[bool, str]:  # fmt: skip
+        """(allowed, reason) of the intentions for a call; always allowed without the mesh."""
+        if self.mesh is None or self.intentions is None:
+            return True, ""
+        decision = self.intentions().decide(source, service, method, path)
+        return decision.allowed, decision.reason
+
+    async def open_tcp(self, endpoint: Endpoint, service: str, source: str, dl: Deadline) -> Stream:
+        """A TCP stream to ``endpoint`` for a TCP upstream: dialled, or through its node's
+        agent (``CONNECT`` with the mesh headers, answered 200 before any stream byte).
+
+        Raises:
+            ConnectError: connect or TLS failed, or the agent refused (``strerror`` says why).
+            HttpError: 403, the destination's intentions deny ``source``.
+            DeadlineExceeded: ``dl`` passed.
+        """
+        if not self._via_hop(endpoint):
+            return await connect(endpoint.host, endpoint.port, dl)
+        try:
+            stream = await self._connect_hop(dl, endpoint)
+        except _Attempt as exc:
+            raise ConnectError(0, exc.detail) from None
+        try:
+            await stream.send(b"CONNECT " + endpoint.id.encode() + b" HTTP/1.1\r\n"
+                              b"hostmesh-source: " + source.encode() + b"\r\n"
+                              b"hostmesh-destination: " + service.encode() + b"\r\n"
+                              b"hostmesh-instance: " + endpoint.id.encode() + b"\r\n\r\n",
+                              dl)  # fmt: skip
+            resp = await self._read_response_head(stream, dl)
+        except (OSError, HttpError) as exc:
+            stream.close()
+            raise ConnectError(0, f"{endpoint.node}'s agent: {exc}") from None
+        except BaseException:
+            stream.close()
+            raise
+        if resp is not None and resp.status == 200:
+            return stream
+        stream.close()
+        if resp is None:
+            raise ConnectError(0, f"{endpoint.node}'s agent closed the connection")
+        reason = (resp.get(b"hostmesh-error") or b"").decode("ascii", "replace")
+        if resp.status == 403:
+            raise HttpError(
+                403, reason or "forbidden", f"{endpoint.node}'s agent refused: {reason}"
+            )
+        raise ConnectError(0, f"{endpoint.node}'s agent answered {resp.status} {reason}")
+
+    async def _connect_hop(self, dl: Deadline, endpoint: Endpoint) -> Stream:
+        """A TLS connection to the agent of ``endpoint``'s node, its certificate checked."""
+        from hostmesh._errors import CertificateError
+
+        from ._mtls import HopRefused, tls_connect
+
+        assert self.mesh is not None
+        host, port = endpoint.inbound
+        mesh = self.mesh
+        try:
+            ctx, domain = mesh.client()
+        except CertificateError as exc:
+            raise _Attempt(503, "no-certificate", str(exc), connected=False) from None
+
+        async def dial() -> Stream:
+            return await tls_connect(host, port, ctx, dl, mesh=domain, node=endpoint.node,
+                                     revocations=mesh.revocations)  # fmt: skip
+
+        try:
+            return await self.pool.open(host, port, dl, dial=dial)
+        except HopRefused as exc:
+            self._refuse(f"mtls-{exc.reason}")
+            _log.warning("mTLS hop refused", node=endpoint.node, peer=f"{host}:{port}",
+                         reason=exc.reason, error=exc.detail)  # fmt: skip
+            raise _Attempt(502, "connect-failed", f"mTLS to {endpoint.node}'s agent refused: "
+                           f"{exc.detail}", connected=False) from None  # fmt: skip
 
     async def _send_and_read(self, client: Stream, dl: Deadline, upstream: Stream, head: bytes,
                              body: bytes | None, framing: str, length: int,
@@ -673,7 +887,7 @@ class Proxy:
             await _copy_chunked(client, upstream, "request", dl)
 
     async def _respond(self, client: Stream, dl: Deadline, upstream: Stream, req: Head,
-                       resp: Head, state: RouteState, start: float, *, client_close: bool,
+                       resp: Head, state: RouteLike, start: float, *, client_close: bool,
                        upgrade: bool, exhausted: bool) -> bool:  # fmt: skip
         """Forward the response head and body; True if both sides stay open.
 
@@ -743,6 +957,16 @@ class Proxy:
         else:
             self.pool.release(upstream, self._clock())
         return not close and not upgrade
+
+
+def _path_only(target: bytes) -> str:
+    """The path of an origin-form target, without its query (for intentions' prefixes)."""
+    return target.split(b"?", 1)[0].decode("latin-1")
+
+
+def _peer_node(stream: Stream) -> str | None:
+    peer = getattr(stream, "peer", None)
+    return None if peer is None else str(peer.node)
 
 
 async def _copy_length(src: Stream, dst: Stream, length: int, what: str,

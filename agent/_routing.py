@@ -36,6 +36,7 @@ from hostmesh._routes import (
     pick_target_among,
 )
 from hostmesh.catalog import Catalog, Health
+from hostmesh.catalog._model import DEFAULT_INBOUND_PORT, EXTERNAL_META, INBOUND_PORT_META
 from hostmesh.catalog._query import InstanceView, service_instances
 
 from ._balancer import EndpointStats, StatsTable, pick
@@ -60,7 +61,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Endpoint:
     """One instance as the proxy dials it."""
 
-    id: str  # the instance ID (unique in the catalog)
+    id: str  # the instance ID (unique on its node: ids often repeat across nodes)
     host: str
     port: int
     az: str
@@ -69,10 +70,19 @@ class Endpoint:
     healthy: bool
     tags: tuple[str, ...]
     meta: Mapping[str, str]
+    node_address: str = ""  # where the node's agent listens (inbound mTLS)
+    inbound_port: int = DEFAULT_INBOUND_PORT
+    external: bool = False  # a server-owned record with no agent: dialled directly
+    uid: str = ""  # "<node>/<id>": unique in the catalog; keys balancer and ejection state
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+    @property
+    def inbound(self) -> tuple[str, int]:
+        """The node agent's inbound listener: the mTLS hop's address for this instance."""
+        return (self.node_address, self.inbound_port)
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,18 @@ def _endpoint(view: InstanceView) -> Endpoint:
         healthy=healthy,
         tags=inst.tags,
         meta=inst.meta,
+        node_address=view.node.address,
+        inbound_port=_inbound_port(view.node.meta),
+        external=view.node.meta.get(EXTERNAL_META) == "true",
+        uid=f"{view.node.name}/{inst.id}",
     )
+
+
+def _inbound_port(meta: Mapping[str, str]) -> int:
+    value = meta.get(INBOUND_PORT_META, "")
+    if value.isdigit() and 0 < int(value) < 65536:
+        return int(value)
+    return DEFAULT_INBOUND_PORT
 
 
 def build_snapshot(
@@ -187,7 +208,7 @@ class _ServiceRuntime:
                 TokenBucket(policy.rate_limit, policy.burst) if policy.rate_limit else None
             )
             self.limit.limit = policy.max_concurrent  # keeps the in-flight count
-        ids = [e.id for e in endpoints]
+        ids = [e.uid for e in endpoints]
         self.stats.retain(ids)
         self.outlier.set_instances(ids)
 
@@ -218,11 +239,11 @@ class TrafficMetrics:
             ("service",), buckets=LATENCY_BUCKETS)  # fmt: skip
         self.instance_requests = registry.counter(
             "hostmesh_proxy_instance_requests_total", "Attempts sent to each instance.",
-            ("service", "instance"))  # fmt: skip
+            ("service", "node", "instance"))  # fmt: skip
         self.instance_failures = registry.counter(
             "hostmesh_proxy_instance_failures_total",
             "Attempts that failed (5xx, connect failure, reset, timeout) per instance.",
-            ("service", "instance"))  # fmt: skip
+            ("service", "node", "instance"))  # fmt: skip
         self.retries = registry.counter(
             "hostmesh_proxy_retries_total", "Retries sent, by service and route.",
             ("service", "route"))  # fmt: skip
@@ -231,7 +252,7 @@ class TrafficMetrics:
             "Retries not sent because the retry budget was empty.", ("service",))  # fmt: skip
         self.ejections = registry.counter(
             "hostmesh_proxy_ejections_total", "Outlier ejections, by service and instance.",
-            ("service", "instance"))  # fmt: skip
+            ("service", "node", "instance"))  # fmt: skip
         self.limited = registry.counter(
             "hostmesh_proxy_limited_total",
             "Requests refused by a service's rate limit or concurrency cap.",
@@ -267,7 +288,7 @@ class Router:
     def tcp_stats(self, service: str) -> dict[str, int]:
         """Counters of one TCP upstream listener (rendered by /metrics)."""
         return self.tcp.setdefault(service, {"connections": 0, "connect_failures": 0,
-                                             "refused": 0})  # fmt: skip
+                                             "refused": 0, "denied": 0})  # fmt: skip
 
     def tcp_route(self, service: str, now: float) -> RouteState:
         """A TCP connection's route: the policy's catch-all route (first with an
@@ -379,25 +400,26 @@ class RouteState:
                 local = [e for e in candidates if e.az == zone]
                 if local:
                     candidates = tuple(local)
-        fresh = [e for e in candidates if e.id not in tried and not outlier.is_ejected(e.id, now)]
+        fresh = [e for e in candidates if e.uid not in tried and not outlier.is_ejected(e.uid, now)]
         if not fresh:
             fresh = [e for e in subset.healthy or subset.all
-                     if not outlier.is_ejected(e.id, now)] or list(candidates)  # fmt: skip
+                     if not outlier.is_ejected(e.uid, now)] or list(candidates)  # fmt: skip
         stats = rt.stats
-        chosen = pick(fresh, lambda e: stats.get(e.id), lambda e: e.weight or 1.0, rng, now)
-        stats.get(chosen.id).start(now)
-        self._router.metrics.instance_requests.labels(svc.name, chosen.id).inc()
+        chosen = pick(fresh, lambda e: stats.get(e.uid), lambda e: e.weight or 1.0, rng, now)
+        stats.get(chosen.uid).start(now)
+        self._router.metrics.instance_requests.labels(svc.name, chosen.node, chosen.id).inc()
         return chosen
 
     def finish(self, endpoint: Endpoint, ok: bool, latency: float, now: float) -> None:
         """Feed one attempt's outcome to the balancer and the outlier detector."""
-        stats: EndpointStats = self._rt.stats.get(endpoint.id)
+        stats: EndpointStats = self._rt.stats.get(endpoint.uid)
         stats.finish(now, latency, ok)
         if not ok:
-            self._router.metrics.instance_failures.labels(self.svc.name, endpoint.id).inc()
-        ejection = self._rt.outlier.record(endpoint.id, ok, now)
+            self._router.metrics.instance_failures.labels(self.svc.name, endpoint.node,
+                                                        endpoint.id).inc()  # fmt: skip
+        ejection = self._rt.outlier.record(endpoint.uid, ok, now)
         if ejection is not None:
-            self._router.metrics.ejections.labels(self.svc.name, endpoint.id).inc()
+            self._router.metrics.ejections.labels(self.svc.name, endpoint.node, endpoint.id).inc()
 
     def count_response(self, status: int, duration: float) -> None:
         m = self._router.metrics

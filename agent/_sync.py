@@ -37,6 +37,7 @@ import trio_websocket
 from hostmesh._config import AgentConfig, parse_hostport
 from hostmesh._errors import (
     CertificateError,
+    ConfigError,
     HostmeshError,
     PeerCertificateError,
     RemoteProtocolError,
@@ -57,6 +58,7 @@ from hostmesh.catalog._syncproto import (
     SyncError,
 )
 
+from ._intentions import INTENTIONS_DEFAULT_KEY, INTENTIONS_PREFIX, Intentions, Policy
 from ._state import atomic_write
 
 __all__ = [
@@ -445,6 +447,24 @@ class SyncClient:
             for key, (_rev, value) in self.state.config.items()
             if key.startswith(prefix) and "/" not in key.removeprefix(prefix)
         }
+
+    def intentions(self) -> Intentions:
+        """The intentions and default policy the servers pushed (allow and no rules
+        before any). A broken rule is logged and refuses the whole set: evaluating
+        without it could allow what it denies."""
+        entries = [value for key, (_rev, value) in sorted(self.state.config.items())
+                   if key.startswith(INTENTIONS_PREFIX)]  # fmt: skip
+        found = self.state.config.get(INTENTIONS_DEFAULT_KEY)
+        doc = found[1] if found is not None else None
+        pushed = doc.get("default") if isinstance(doc, dict) else "allow"
+        default: Policy = "allow" if pushed == "allow" else "deny"
+        if pushed not in ("allow", "deny"):
+            log.warning("pushed intentions default refused; denying", default=str(pushed))
+        try:
+            return Intentions.from_json(entries, default)
+        except ConfigError as exc:
+            log.error("pushed intentions refused; denying every mesh call", error=str(exc))
+            return Intentions((), "deny")
 
     def trust(self) -> tuple[bytes | None, RevocationList | None]:
         """The CA roots (PEM) and revocation list the servers pushed (None: not yet)."""

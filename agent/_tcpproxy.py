@@ -18,10 +18,10 @@ import trio
 from hostmesh._config import UpstreamConfig
 from hostmesh._log import get_logger
 
+from ._deadline import DeadlineExceeded
 from ._http1 import HttpError
-from ._pool import ConnectError, Stream, connect
-from ._proxy import tunnel
-from ._routing import Router
+from ._pool import ConnectError, Stream
+from ._proxy import Proxy, tunnel
 
 __all__ = ["serve_tcp_upstream"]
 
@@ -31,39 +31,57 @@ _log = get_logger(__name__)
 async def serve_tcp_upstream(
     listener: socket.socket,
     upstream: UpstreamConfig,
-    router: Router,
+    proxy: Proxy,
     *,
     connect_timeout: float,
     clock: Callable[[], float] = time.monotonic,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept on ``listener`` (bound and listening; closed here). Never returns."""
-    listener.setblocking(False)
-    stats = router.tcp_stats(upstream.service)
+    """Accept on ``listener`` (bound and listening; closed here). Never returns.
 
-    async def handle(sock: socket.socket) -> None:
+    Instances are picked by ``proxy``'s router and reached as the proxy reaches
+    them: dialled, or through their node's agent over mTLS (the destination
+    named before the stream starts), with the caller's identity and intentions.
+    """
+    listener.setblocking(False)
+    router = proxy.router
+    service = upstream.service
+    stats = router.tcp_stats(service)
+
+    async def handle(sock: socket.socket, addr: tuple[str, int]) -> None:
         client = Stream(sock)
         target: Stream | None = None
+        dl = proxy.timer.deadline()
         try:
+            source = await proxy.caller(sock, addr) if proxy.mesh is not None else ""
+            allowed, why = proxy.decide(source, service)
+            if not allowed:
+                stats["denied"] += 1
+                _log.info("tcp upstream: denied", service=service, source=source, reason=why)
+                return
             tried: set[str] = set()
             for _ in range(upstream.connect_attempts):
                 try:
-                    state = router.tcp_route(upstream.service, clock())
+                    state = router.tcp_route(service, clock())
                     endpoint = state.pick(tried, clock())
                 except HttpError as exc:
                     stats["refused"] += 1
-                    _log.warning("tcp upstream: no instance", service=upstream.service,
-                                 reason=exc.reason)  # fmt: skip
+                    _log.warning("tcp upstream: no instance", service=service, reason=exc.reason)
                     return
-                tried.add(endpoint.id)
+                tried.add(endpoint.uid)
                 t0 = clock()
+                dl.after(connect_timeout)
                 try:
-                    with trio.fail_after(connect_timeout):
-                        target = await connect(endpoint.host, endpoint.port)
-                except (ConnectError, trio.TooSlowError) as exc:
+                    target = await proxy.open_tcp(endpoint, service, source, dl)
+                except HttpError as exc:  # the destination's intentions: not retried
+                    stats["denied"] += 1
+                    _log.info("tcp upstream: denied", service=service, instance=endpoint.id,
+                              error=exc.detail)  # fmt: skip
+                    return
+                except (ConnectError, DeadlineExceeded) as exc:
                     state.finish(endpoint, False, clock() - t0, clock())
                     stats["connect_failures"] += 1
-                    _log.info("tcp upstream: connect failed", service=upstream.service,
+                    _log.info("tcp upstream: connect failed", service=service,
                               instance=endpoint.id, error=str(exc) or "timeout")  # fmt: skip
                     continue
                 state.finish(endpoint, True, clock() - t0, clock())
@@ -72,8 +90,10 @@ async def serve_tcp_upstream(
                 stats["refused"] += 1
                 return
             stats["connections"] += 1
+            dl.clear()
             await tunnel(client, target)
         finally:
+            dl.close()
             client.close()
             if target is not None:
                 target.close()
@@ -85,7 +105,7 @@ async def serve_tcp_upstream(
                 await trio.lowlevel.wait_readable(listener)
                 while True:
                     try:
-                        sock, _peer = listener.accept()
+                        sock, peer = listener.accept()
                     except BlockingIOError:
                         break
                     except OSError as exc:
@@ -93,6 +113,6 @@ async def serve_tcp_upstream(
                         await trio.sleep(0.1)
                         break
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    nursery.start_soon(handle, sock)
+                    nursery.start_soon(handle, sock, peer)
     finally:
         listener.close()

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
+    "DEFAULT_INBOUND_PORT",
+    "EXTERNAL_META",
     "GOSSIP_PORT_META",
+    "INBOUND_PORT_META",
     "CheckState",
     "Health",
     "Node",
@@ -31,6 +34,13 @@ __all__ = [
 #: Node meta key an agent sets to its gossip port when that is not the default
 #: (7946): the leader server probes a reported death there (server/_health.py).
 GOSSIP_PORT_META = "gossip_port"
+#: Node meta key an agent sets to its inbound mTLS port when that is not the
+#: default: other agents dial it there for this node's instances.
+INBOUND_PORT_META = "inbound_port"
+DEFAULT_INBOUND_PORT = 4141
+#: Node meta marking a record the servers own for an external service (no agent:
+#: its instances are dialled directly; consul-esm's ``external-node``).
+EXTERNAL_META = "external-node"
 
 
 class Health(enum.Enum):

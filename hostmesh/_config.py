@@ -37,6 +37,7 @@ __all__ = [
     "FieldError",
     "GossipConfig",
     "HealthConfig",
+    "InboundConfig",
     "IntentionsConfig",
     "ProxyConfig",
     "ServerCaConfig",
@@ -497,6 +498,27 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class InboundConfig:
+    """The inbound mTLS listener (``[inbound]``): other agents' requests for this
+    node's instances. It runs when the agent has servers (and so a node certificate)."""
+
+    bind: str = ""  # host:port; "" = <address>:4141; port 0 = any free port (published)
+    max_connections: int = 10_000  # concurrent connections from other agents
+    handshake_timeout: float = 10 * SECONDS  # s for TLS and the first request head
+
+    def __post_init__(self) -> None:
+        if self.bind:
+            try:
+                parse_hostport(self.bind)
+            except ValueError as exc:
+                raise FieldError("bind", str(exc)) from None
+        if self.max_connections < 1:
+            raise FieldError("max_connections", "must be at least 1")
+        if not self.handshake_timeout > 0:
+            raise FieldError("handshake_timeout", "must be > 0")
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """A local TCP listener for a service (``[[upstream]]``): each connection
     goes to an instance picked by the proxy's balancer."""
@@ -645,6 +667,7 @@ class AgentConfig:
     dns: DnsConfig = field(default_factory=DnsConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    inbound: InboundConfig = field(default_factory=InboundConfig)  # :4141, mTLS from agents
     ec2: Ec2Config = field(default_factory=Ec2Config)  # IMDSv2 for az/region "auto"
     server: AgentServerConfig = field(default_factory=AgentServerConfig)  # join, CA trust
     # per-service routes, splits, retries, limits and ejection ([traffic.<service>]);

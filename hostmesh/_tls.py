@@ -21,7 +21,7 @@ import os
 import ssl
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from cryptography import x509
@@ -48,8 +48,8 @@ _X509_V_ERR_CERT_NOT_YET_VALID = 9
 _X509_V_ERR_CERT_HAS_EXPIRED = 10
 
 
-class _HasPeerCert(Protocol):
-    def getpeercert(self, binary_form: bool = ...) -> Any: ...
+#: What has a peer certificate after a handshake.
+_HasPeerCert = ssl.SSLObject | ssl.SSLSocket | trio.SSLStream[Any]
 
 
 @dataclass(frozen=True)

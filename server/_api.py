@@ -87,7 +87,10 @@ from hostmesh._log import get_logger
 from hostmesh._metrics import Registry
 from hostmesh._pki import NodeIdentity, spki_pin, validate_node_name
 from hostmesh._routes import TrafficPolicy
-from hostmesh.agent._intentions import Intention  # the model; sans-IO, shared with agents
+from hostmesh.agent._intentions import (  # the model; sans-IO, shared with agents
+    INTENTIONS_PREFIX,
+    Intention,
+)
 
 from ._ca import CsrRateLimiter, IssuedCertificate
 from ._ca_store import CaKeeper
@@ -112,7 +115,6 @@ __all__ = [
 log = get_logger("hostmesh.server.api")
 
 TRAFFIC_PREFIX = "config/traffic/"
-INTENTIONS_PREFIX = "config/intentions/"  # config/intentions/<destination>/<source>
 #: The header of GET /v1/config/intentions that carries [intentions] default (allow|deny).
 INTENTIONS_DEFAULT_HEADER = "X-Hostmesh-Intentions-Default"
 

@@ -59,6 +59,7 @@ from hostmesh._pki import validate_node_name
 from hostmesh.agent._checks import CheckRunner
 from hostmesh.catalog import CheckState, Health, Node, NodeRecord, ServiceInstance
 from hostmesh.catalog._codec import DecodeError, decode_record
+from hostmesh.catalog._model import EXTERNAL_META
 from hostmesh.catalog._syncproto import NODES_PREFIX
 
 from ._store import Store
@@ -79,8 +80,6 @@ log = get_logger("hostmesh.server.external")
 EXTERNAL_PREFIX = "catalog/external/"
 #: Synthetic node names are ``external-<id>``.
 EXTERNAL_NODE_PREFIX = "external-"
-#: Node meta marking a record this module owns (consul-esm's ``external-node``).
-EXTERNAL_META = "external-node"
 #: Check kinds never run for an external service (see the module docstring).
 REFUSED_CHECK_KINDS = {
     "script": "script checks are not run for external services: a server would run"

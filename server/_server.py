@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hostmesh._log import get_logger
 from hostmesh._metrics import CONTENT_TYPE, Registry
 from hostmesh._pki import spki_pin
 from hostmesh._systemd import notifier
+from hostmesh.agent._intentions import INTENTIONS_DEFAULT_KEY
 
 from ._api import ManagementApi
 from ._ca import CertificateAuthority
@@ -115,6 +117,7 @@ class Server:
                 f"CA pin (agent.toml [server] ca_pin, HOSTMESH_CA_PIN):\n  {pin}",
                 flush=True,
             )
+        await self._publish_intentions_default()
         if self.api is None:  # once: its counters are registered in self.metrics
             self.api = ManagementApi(
                 store=self.store,
@@ -127,6 +130,19 @@ class Server:
                 intentions_default=self.config.intentions.default,
             )
         self.api.keeper = self.ca_keeper
+
+    async def _publish_intentions_default(self) -> None:
+        """Put server.toml's ``[intentions] default`` where agents read it (synced config).
+
+        Servers on one etcd should agree; the last one started wins, and says so.
+        """
+        want = json.dumps({"default": self.config.intentions.default}).encode()
+        current = await self.store.get(INTENTIONS_DEFAULT_KEY)
+        if current is not None and current.value == want:
+            return
+        if current is not None:
+            log.warning("intentions default policy changed", default=self.config.intentions.default)
+        await self.store.put(INTENTIONS_DEFAULT_KEY, want)
 
     async def handle(self, req: Request) -> Response:
         if req.path == "/ready" and req.method == "GET":

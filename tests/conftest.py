@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from hypothesis import settings
 
-from hostmesh import AgentConfig, ApiConfig, DnsConfig, GossipConfig, ProxyConfig
+from hostmesh import AgentConfig, ApiConfig, DnsConfig, GossipConfig, InboundConfig, ProxyConfig
 from hostmesh.agent import Agent, AgentAddresses
 
 # Wall-clock deadlines per example make property tests fail on a busy 2-core CI
@@ -60,6 +60,7 @@ def agent_config(tmp_path: Path, **overrides: Any) -> AgentConfig:
     overrides.setdefault("dns", DnsConfig(bind="127.0.0.1:0", resolv_conf=""))
     overrides.setdefault("gossip", GossipConfig(bind="127.0.0.1:0"))
     overrides.setdefault("proxy", ProxyConfig(bind="127.0.0.1:0"))
+    overrides.setdefault("inbound", InboundConfig(bind="127.0.0.1:0"))
     return replace(cfg, node_name="node-a", api=ApiConfig(bind="127.0.0.1:0"), **overrides)
 
 
