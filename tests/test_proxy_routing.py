@@ -270,7 +270,8 @@ async def test_outlier_ejection_stops_traffic_to_a_failing_instance(tmp_path: Pa
         await spread(m, 200)
         assert bad.hits == hits  # ejected for 30 s
         text = await metrics(m)
-        assert f'hostmesh_proxy_ejections_total{{service="udvr",node="n1",instance="{bad.name}"}} 1' in text
+        labels = f'service="udvr",node="n1",instance="{bad.name}"'
+        assert f"hostmesh_proxy_ejections_total{{{labels}}} 1" in text
 
 
 @trio_test(60)
@@ -386,5 +387,6 @@ async def test_proxy_metrics_by_service_route_and_status_class(tmp_path: Path) -
     assert 'hostmesh_proxy_responses_total{service="udvr",route="default",class="2xx"} 3' in text
     assert 'hostmesh_proxy_responses_total{service="udvr",route="default",class="4xx"} 1' in text
     assert 'hostmesh_proxy_request_duration_seconds_count{service="udvr"} 4' in text
-    assert f'hostmesh_proxy_instance_requests_total{{service="udvr",node="n1",instance="{b.name}"}} 4' in text
+    labels = f'service="udvr",node="n1",instance="{b.name}"'
+    assert f"hostmesh_proxy_instance_requests_total{{{labels}}} 4" in text
     assert "hostmesh_proxy_open_connections" in text
