@@ -208,6 +208,7 @@ class Agent:
         proxy.node = cfg.node_name
         proxy.mesh = self.mesh
         proxy.identify = self._identify
+        proxy.identify_now = self._identify_now
         proxy.intentions = self._current_intentions
         bind = cfg.inbound.bind or (
             f"[{cfg.address}]:{DEFAULT_INBOUND_PORT}" if ":" in cfg.address
@@ -240,6 +241,11 @@ class Agent:
     def _identify(self, peer: tuple[str, int], local: tuple[str, int]) -> str:
         """A local client's workload identity (blocking: /proc reads; run in a thread)."""
         return self._identities.identify(peer, local).name
+
+    def _identify_now(self, peer: tuple[str, int], local: tuple[str, int]) -> str | None:
+        """The same by netlink only (no blocking read); None when netlink is not here."""
+        found = self._identities.identify_now(peer, local)
+        return None if found is None else found.name
 
     def _refresh_identities(self) -> None:
         defs = [reg.definition for reg in self.state.registrations.values()]

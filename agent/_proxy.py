@@ -204,6 +204,9 @@ class Proxy:
         # identified and intentions enforced. None: every instance is dialled directly.
         self.node = ""  # this node's name: its instances are dialled directly
         self.mesh: MeshTls | None = None
+        # The caller's identity: ``identify_now`` may answer at once (sock_diag), else
+        # ``identify`` runs in a thread (it may read /proc/net/tcp).
+        self.identify_now: Callable[[tuple[str, int], tuple[str, int]], str | None] | None = None
         self.identify: Callable[[tuple[str, int], tuple[str, int]], str] | None = None
         self.intentions: Callable[[], Intentions] | None = None
 
@@ -488,10 +491,14 @@ class Proxy:
         return state, source.encode()
 
     async def _identify(self, conn: Conn) -> str:
-        """The local caller's workload identity (/proc/net/tcp, read in a thread)."""
+        """The local caller's workload identity (sock_diag, or /proc/net/tcp in a thread)."""
         if self.identify is None or conn.stream is None:
             return f"host:{self.node}"
         local = conn.stream.sock.getsockname()
+        if self.identify_now is not None:
+            name = self.identify_now(conn.addr, local)
+            if name is not None:
+                return name
         return await trio.to_thread.run_sync(self.identify, conn.addr, local)
 
     async def _exchange(self, client: Stream, dl: Deadline, head_bytes: bytes, conn: Conn) -> bool:

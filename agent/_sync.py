@@ -407,12 +407,14 @@ class SyncClient:
         self, ws: trio_websocket.WebSocketConnection, sent: tuple[int, int]
     ) -> None:
         reported: dict[str, tuple[int, int]] = {}
+        last_sent = trio.current_time()  # the HELLO
         while True:
             record = self._own_record()
             if record.key != sent:
                 await ws.send_message(ClientState.record(record))
                 sent = record.key
                 self._mark_sent(sent)
+                last_sent = trio.current_time()
             dead = self._dead_nodes()
             fresh = {n: k for n, k in dead.items() if reported.get(n) != k}
             if fresh:
@@ -421,12 +423,19 @@ class SyncClient:
                     await ws.send_message(
                         ClientState.deaths_message(items[i : i + MAX_DEATHS_PER_MESSAGE])
                     )
+                last_sent = trio.current_time()
             reported = dead
-            self._wake = trio.Event()
-            with trio.move_on_after(self.cfg.heartbeat_interval) as idle:
-                await self._wake.wait()
-            if idle.cancelled_caught:
+            # A heartbeat once nothing was sent for an interval: a wake-up (poke) that
+            # sent nothing must not push it back, or a busy catalog starves it and
+            # the server drops the session as silent.
+            due = last_sent + self.cfg.heartbeat_interval
+            if trio.current_time() >= due:
                 await ws.send_message(self.state.heartbeat())
+                last_sent = trio.current_time()
+                continue
+            self._wake = trio.Event()
+            with trio.move_on_at(due):
+                await self._wake.wait()
 
     def _dead_nodes(self) -> dict[str, tuple[int, int]]:
         """Nodes our catalog holds as dead (gossip's view), with their record keys."""

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,15 +122,19 @@ def test_uid_of_reads_the_tables_and_accepts_mapped_and_scoped_addresses(tmp_pat
     tcp.write_text("\n".join([HEADER4, V4_CLIENT]) + "\n")
     tcp6.write_text("\n".join([HEADER6, V6_CLIENT, V6_MAPPED]) + "\n")
     tables = (tcp, tcp6)
-    assert uid_of("127.0.0.1", 43856, "127.0.0.1", 4140, tables=tables) == 1000
+
+    def lookup(*args: Any, tables: tuple[Path, ...] = tables) -> int | None:
+        return uid_of(*args, tables=tables, netlink=False)  # the files, not the kernel
+
+    assert lookup("127.0.0.1", 43856, "127.0.0.1", 4140) == 1000
     # A dual-stack listener sees an IPv4 client as ::ffff:127.0.0.1.
-    assert uid_of("::ffff:127.0.0.1", 43856, "::ffff:127.0.0.1", 4140, tables=tables) == 1000
-    assert uid_of("::1", 50000, "::1", 4140, tables=tables) == 65534
-    assert uid_of("127.0.0.1", 50001, "127.0.0.1", 4140, tables=tables) == 33
-    assert uid_of("127.0.0.1", 1, "127.0.0.1", 4140, tables=tables) is None
-    assert uid_of("not an address", 1, "127.0.0.1", 4140, tables=tables) is None
+    assert lookup("::ffff:127.0.0.1", 43856, "::ffff:127.0.0.1", 4140) == 1000
+    assert lookup("::1", 50000, "::1", 4140) == 65534
+    assert lookup("127.0.0.1", 50001, "127.0.0.1", 4140) == 33
+    assert lookup("127.0.0.1", 1, "127.0.0.1", 4140) is None
+    assert lookup("not an address", 1, "127.0.0.1", 4140) is None
     missing = (tmp_path / "nope", tcp6)
-    assert uid_of("::1", 50000, "::1", 4140, tables=missing) == 65534
+    assert lookup("::1", 50000, "::1", 4140, tables=missing) == 65534
 
 
 def _svc(name: str, user: str, ident: str = "") -> ServiceDefinition:
@@ -214,7 +219,8 @@ def test_a_connection_from_another_user_maps_to_that_users_service(
             conn, peer = lst.accept()
             with conn:
                 local = conn.getsockname()
-                assert uid_of(peer[0], peer[1], local[0], local[1]) == 65534
+                assert uid_of(peer[0], peer[1], local[0], local[1]) == 65534  # sock_diag
+                assert uid_of(peer[0], peer[1], local[0], local[1], netlink=False) == 65534
                 who = identities.identify(peer, local)
                 assert (who.name, who.uid, who.service) == ("web", 65534, True)
         # The test's own connection: uid 0, root's service or the host.
@@ -242,3 +248,5 @@ def test_a_client_that_is_gone_is_the_host() -> None:
             conn.close()
             who = identities.identify(peer, local)
             assert who.name == "host:node-a" and who.uid is None
+            tables_only = identities.identify(peer, local, netlink=False)
+            assert tables_only.name == "host:node-a" and tables_only.uid is None

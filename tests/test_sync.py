@@ -469,3 +469,25 @@ async def test_an_agent_leaves_a_silent_server_and_comes_back_resumed(tmp_path: 
             while agent.sync.connected is None:
                 await trio.sleep(0.02)
             assert agent.sync.last_start == "resumed"
+
+
+@trio_test(timeout=30)
+async def test_an_agent_woken_often_with_nothing_to_send_still_heartbeats(tmp_path: Path) -> None:
+    # Catalog changes poke the sender; a poke that sends nothing must not push the
+    # heartbeat back, or a busy agent looks silent and the server drops it.
+    server = Server(server_config(tmp_path), print_token=False)
+    server.sync.heartbeat_timeout = 1.0
+    sync = replace(FAST_SYNC, heartbeat_interval=0.3)
+    cfg = agent_config(tmp_path / "a", sync=sync)
+    async with running_server(server) as address:
+        tls = await node_tls(server, "node-a")
+        async with running_agent(replace(cfg, servers=(address,)), sync_tls=tls) as (agent, _):
+            assert agent.sync is not None
+            while agent.sync.connected is None:
+                await trio.sleep(0.02)
+            for _ in range(40):  # 4 s: four of the server's silence limits
+                agent.sync.poke()
+                await trio.sleep(0.1)
+            closed = counter(server.metrics, "hostmesh_sync_sessions_closed_total",
+                             reason="heartbeat_timeout")  # fmt: skip
+            assert closed == 0 and agent.sync.connected is not None
