@@ -279,6 +279,23 @@ async def test_the_client_checks_the_peer_is_the_node_the_catalog_names(tmp_path
 
 
 @trio_test(40)
+async def test_external_services_have_no_agent_and_are_dialled_directly(tmp_path: Path) -> None:
+    async with pair(tmp_path) as p:
+        backend = await p.backend("orders-db")
+        p.a.catalog.merge(NodeRecord(
+            Node("external-orders-db", "127.0.0.1", az="az-1", meta={"external-node": "true"}),
+            generation=1, version=1,
+            services=(ServiceInstance("orders-db", "orders", "127.0.0.1", backend.port),),
+        ))  # fmt: skip
+        p.a.refresh_routes()
+        async with httpx.AsyncClient(base_url=p.proxy, timeout=10) as http:
+            r = await http.get("/headers", headers={"host": "orders"})
+        assert r.status_code == 200 and backend.hits == 1
+        assert not [k for k, _ in r.json() if k.lower().startswith("hostmesh-")]
+        assert metric(p.b, "hostmesh_inbound_responses_total", service="orders", code="2xx") == 0
+
+
+@trio_test(40)
 async def test_intentions_deny_at_the_destination_and_at_the_source(tmp_path: Path) -> None:
     async with pair(tmp_path) as p:
         await p.serve_on_b("udvr", "udvr-b1")
