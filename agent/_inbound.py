@@ -172,8 +172,12 @@ class InboundProxy(Proxy):
     # --- connections ------------------------------------------------------------
 
     def _refuse_peer(self, reason: str, peer: tuple[str, int], detail: str, **fields: str) -> None:
-        """Count a refused connection or request; log it unless refusals flood in."""
+        """Count a refused connection and log it."""
         self._refuse(reason)
+        self._log_refusal(reason, peer, detail, **fields)
+
+    def _log_refusal(self, reason: str, peer: tuple[str, int], detail: str, **fields: str) -> None:
+        """Log a refusal with its peer, unless refusals flood in (they are counted anyway)."""
         now = trio.current_time()
         second, lines = self._log_window
         if int(now) != int(second):
@@ -228,8 +232,8 @@ class InboundProxy(Proxy):
         source = source_b.decode("ascii", "replace")
         name = service.decode("ascii", "replace")
         if not self._runs_on(source, peer_node):
-            self._refuse_peer("source-not-on-node", conn.addr, "claimed source does not run there",
-                              node=peer_node, source=source)  # fmt: skip
+            self._log_refusal("source-not-on-node", conn.addr, "claimed source does not run there",
+                              node=peer_node, source=source)  # counted with the 403  # fmt: skip
             raise HttpError(403, "source-not-on-node",
                             f"{source} has no instance on {peer_node}")  # fmt: skip
         instance = self._local(instance_b.decode("ascii", "replace"))

@@ -246,6 +246,8 @@ async def test_a_node_cannot_speak_for_a_service_it_does_not_run(tmp_path: Path)
             assert got.split(b" ")[1] == status, (source, got)
             if status == b"403":
                 assert b"hostmesh-error: source-not-on-node" in got
+        assert p.b.inbound is not None
+        assert p.b.inbound.stats.refused["source-not-on-node"] == 2  # each refusal once
         # Requests for an instance that is not here: 503 no-instance (the caller goes elsewhere).
         got = await trio.to_thread.run_sync(
             tls_to, p.inbound_b, cert_a, roots, mesh_request("udvr", "udvr-zz", "web")
