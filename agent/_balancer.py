@@ -27,6 +27,13 @@ with the same time constant (Finagle and tower read it with a 0 sample), so an
 instance that was slow and then got no traffic is tried again after a while
 instead of starving forever; one slow answer puts it back up.
 
+A new instance (no sample yet) costs 0 while nothing is in flight to it, so
+the next draws try it; once it has a request in flight it costs
+``default_latency`` per request queued, so it is not flooded before its first
+answer (Finagle's cold start). A new instance that cost the default latency
+even when idle would lose every draw against measured sub-millisecond peers
+and get no traffic at low concurrency, never to be measured.
+
 Sans-IO: ``now`` (seconds, any monotonic clock) and ``rng`` come from the caller.
 """
 
@@ -55,9 +62,9 @@ class BalancerConfig:
     # after tau. Finagle PeakEwma decayTime, Linkerd 1 "decay 10 s", Linkerd 2
     # EWMA_DECAY. Longer is steadier, shorter reacts faster to recovery.
     decay: float = 10 * SECONDS
-    # s; the estimate of an instance with no sample yet. Linkerd 2 proxy
-    # EWMA_DEFAULT_RTT (30 ms): a new instance is neither shunned nor flooded
-    # before its first answers; its outstanding requests still count.
+    # s; the estimate of an instance with no sample yet while requests to it are
+    # in flight (Linkerd 2 proxy EWMA_DEFAULT_RTT, 30 ms): a new instance is not
+    # flooded before its first answers; idle, it costs 0 and is tried.
     default_latency: float = 30 * MILLISECONDS
 
     def __post_init__(self) -> None:
@@ -94,6 +101,8 @@ class EndpointStats:
 
         ``latency(now) x (outstanding / weight + 1)``; see the module docstring.
         """
+        if self._stamp is None and self.outstanding == 0:
+            return 0.0  # never tried and idle: worth a try (see the module docstring)
         return self.latency(now) * (self.outstanding / weight + 1)
 
     def start(self, now: float) -> None:

@@ -234,3 +234,38 @@ def test_stats_table_creates_lazily_and_forgets_on_retain() -> None:
     assert fresh is not a
     fresh.finish(1.0, 5 * MS, ok=True)  # finished on the new twin: no negative count
     assert fresh.outstanding == 0
+
+
+def test_a_new_instance_is_tried_beside_fast_measured_ones_one_request_at_a_time() -> None:
+    # Measured at 1 ms, the old instances would beat a new one's 30 ms default in
+    # every draw at concurrency 1, and the new one would never be measured.
+    table = StatsTable()
+    rng = random.Random(7)
+    now = 100.0
+    for old in ("a", "b"):
+        table.get(old).start(now)
+        table.get(old).finish(now, 0.001, ok=True)
+    first_pick_of_c = None
+    counts: Counter[str] = Counter()
+    for i in range(300):
+        now += 0.01
+        chosen = pick(["a", "b", "c"], table.get, lambda _: 1.0, rng, now)
+        table.get(chosen).start(now)
+        table.get(chosen).finish(now, 0.001, ok=True)  # everyone answers in 1 ms
+        counts[chosen] += 1
+        if chosen == "c" and first_pick_of_c is None:
+            first_pick_of_c = i
+    assert first_pick_of_c is not None and first_pick_of_c < 10
+    # Once measured, it is an equal: each gets its share (binomial bounds for 1/3 of 300).
+    assert all(60 <= counts[name] <= 140 for name in "abc"), counts
+
+
+def test_a_new_instance_with_a_request_in_flight_is_not_flooded() -> None:
+    table = StatsTable()
+    now = 0.0
+    table.get("old").start(now)
+    table.get("old").finish(now, 0.002, ok=True)
+    table.get("new").start(now)  # its first request has not answered yet
+    rng = random.Random(1)
+    picks = Counter(pick(["old", "new"], table.get, lambda _: 1.0, rng, now) for _ in range(50))
+    assert picks["new"] == 0  # 30 ms x 2 > 2 ms: wait for its first answer
