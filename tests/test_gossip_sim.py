@@ -42,13 +42,18 @@ async def test_members_join_and_share_their_records() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(net.run)
         members = await start_cluster(nursery, net, 8, LAN)
-        await wait_for(lambda: converged(members, 8), 10)
+        # Joins and changes spread by gossip, usually within 2 s; the bound is one
+        # push-pull interval (see below).
+        await wait_for(lambda: converged(members, 8), LAN.push_pull_interval + 5)
         await wait_for(lambda: all(len(m.catalog) == 8 for m in members), 10)
-        # A record change reaches everyone through gossip.
+        # A record change reaches everyone: gossip (a few retransmits to random peers)
+        # reaches nearly every member at once, but with memberlist's retransmit limit
+        # it misses one of eight in about 4 % of runs; push-pull's anti-entropy then
+        # repairs it within one interval. That is the bound a user can rely on.
         members[3].update_record(node=Node("n3", members[3].record.node.address, az="az-9"))
         await wait_for(
             lambda: all(m.catalog.record("n3").node.az == "az-9" for m in members),
-            5,  # type: ignore[union-attr]
+            LAN.push_pull_interval + 5,  # type: ignore[union-attr]
         )
         # Each member's AZ travels with its alive message.
         assert members[0].swim.members["n4"].meta["az"] == "az-1"
@@ -98,7 +103,7 @@ async def test_ten_percent_packet_loss_gives_no_false_deaths() -> None:
         }
         assert dead == set()
         # Suspicions happened and were refuted: Lifeguard at work, not luck.
-        assert sum(m.swim.stats.get("refutations", 0) for m in members) >= 0
+        assert sum(m.swim.stats.get("refutations", 0) for m in members) > 0
         assert converged(members, n)
         nursery.cancel_scope.cancel()
 
