@@ -234,7 +234,7 @@ class AgentApi:
 
     async def certificate(self, req: Request) -> Response:
         """This node's certificate (hostmesh's; Consul has no node certificates)."""
-        cert = self.agent._node_credentials()
+        cert = self.agent.node_credentials()
         if cert is None:
             return Response.text("this agent has no node certificate", 404)
         return Response.json(_certificate_json(cert))

@@ -203,7 +203,7 @@ class Agent:
         from ._mtls import MeshTls
 
         cfg = self.config
-        self.mesh = MeshTls(self._node_credentials, self.trust)
+        self.mesh = MeshTls(self.node_credentials, self.trust)
         proxy = self.proxy
         proxy.node = cfg.node_name
         proxy.mesh = self.mesh
@@ -230,7 +230,7 @@ class Agent:
             "hostmesh_inbound_open_connections", "Connections from other agents open on :4141",
             lambda: stats.open_connections)  # fmt: skip
 
-    def _node_credentials(self) -> NodeCertificate | None:
+    def node_credentials(self) -> NodeCertificate | None:
         if self.node_certificate is not None:
             return self.node_certificate
         return self.certificates.current if self.certificates is not None else None
@@ -239,8 +239,9 @@ class Agent:
         return self.intentions
 
     def _identify(self, peer: tuple[str, int], local: tuple[str, int]) -> str:
-        """A local client's workload identity (blocking: /proc reads; run in a thread)."""
-        return self._identities.identify(peer, local).name
+        """A local client's workload identity from /proc (blocking: run in a thread). The
+        proxy asks this only when :meth:`_identify_now` found no netlink here."""
+        return self._identities.identify(peer, local, netlink=False).name
 
     def _identify_now(self, peer: tuple[str, int], local: tuple[str, int]) -> str | None:
         """The same by netlink only (no blocking read); None when netlink is not here."""

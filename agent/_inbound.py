@@ -29,6 +29,7 @@ other hosts through the mesh and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import Callable
@@ -79,6 +80,13 @@ class LocalInstance:
     service: str
     host: str
     port: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _local_endpoint(instance: LocalInstance, node: str) -> Endpoint:
+    """The endpoint the inbound agent dials for ``instance`` (built once per instance)."""
+    return Endpoint(id=instance.id, host=instance.host, port=instance.port, az="", node=node,
+                    weight=1.0, healthy=True, tags=(), meta={})  # fmt: skip
 
 
 class _Fixed:
@@ -252,11 +260,7 @@ class InboundProxy(Proxy):
             _log.info("request denied", source=source, destination=name, node=peer_node,
                       reason=decision.reason)  # fmt: skip
             raise HttpError(403, "intention-denied", decision.reason)
-        endpoint = Endpoint(
-            id=instance.id, host=instance.host, port=instance.port, az="", node=self.node,
-            weight=1.0, healthy=True, tags=(), meta={},
-        )  # fmt: skip
-        return _Fixed(name, endpoint, self._metrics), b""
+        return _Fixed(name, _local_endpoint(instance, self.node), self._metrics), b""
 
     def _runs_on(self, source: str, node: str) -> bool:
         if source == f"host:{node}":

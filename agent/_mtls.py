@@ -109,9 +109,8 @@ class TlsStream(Stream):
         except ssl.SSLZeroReturnError:  # the peer's close_notify
             return b""
 
-    async def fill(self, dl: Deadline | None = None, *, wait_first: bool = False) -> bool:
-        if wait_first and not self.sock.pending():
-            await self._wait(dl)
+    async def _next(self, dl: Deadline | None) -> bytes:
+        """The next decrypted bytes, waiting as OpenSSL needs; b"" at EOF (``eof`` set)."""
         while True:
             try:
                 data = self._read()
@@ -123,9 +122,14 @@ class TlsStream(Stream):
                 continue
             if not data:
                 self.eof = True
-                return False
-            self.buf += data
-            return True
+            return data
+
+    async def fill(self, dl: Deadline | None = None, *, wait_first: bool = False) -> bool:
+        if wait_first and not self.sock.pending():
+            await self._wait(dl)
+        data = await self._next(dl)
+        self.buf += data
+        return bool(data)
 
     def fill_nowait(self) -> bool:
         try:
@@ -144,18 +148,7 @@ class TlsStream(Stream):
             data = bytes(self.buf)
             self.buf.clear()
             return data
-        while True:
-            try:
-                got = self._read()
-            except ssl.SSLWantWriteError:
-                await self._wait(dl, writable=True)
-                continue
-            if got is None:
-                await self._wait(dl)
-                continue
-            if not got:
-                self.eof = True
-            return got
+        return await self._next(dl)
 
     async def send(self, data: bytes | bytearray | memoryview, dl: Deadline | None = None) -> None:
         # SSL_write without partial writes: a write that wants the socket is retried
@@ -337,10 +330,6 @@ class MeshTls:
         mesh = cert.identity.mesh
         self._built = (cert, self.trust.version, srv, cli, mesh)
         return srv, cli, mesh
-
-    @property
-    def ready(self) -> bool:
-        return self._credentials() is not None
 
     def server(self) -> tuple[ssl.SSLContext, str]:
         """(context, mesh) for the inbound listener. Raises CertificateError before a join."""

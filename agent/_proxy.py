@@ -479,7 +479,8 @@ class Proxy:
             return state, b""
         source = conn.identity
         if source is None:
-            source = conn.identity = await self._identify(conn)
+            assert conn.stream is not None
+            source = conn.identity = await self._identify(conn.addr, conn.stream.sock)
         if self.intentions is not None:
             # Enforced by the destination's agent; refused here at once when we know.
             decision = self.intentions().decide(source, name, req.method.decode("ascii"),
@@ -490,16 +491,17 @@ class Proxy:
                 raise HttpError(403, "intention-denied", decision.reason)
         return state, source.encode()
 
-    async def _identify(self, conn: Conn) -> str:
-        """The local caller's workload identity (sock_diag, or /proc/net/tcp in a thread)."""
-        if self.identify is None or conn.stream is None:
+    async def _identify(self, addr: tuple[str, int], sock: socket.socket) -> str:
+        """The workload identity of the local client ``addr`` of ``sock`` (the accepted
+        socket): sock_diag at once, else /proc/net/tcp in a thread."""
+        if self.identify is None:
             return f"host:{self.node}"
-        local = conn.stream.sock.getsockname()
+        local = sock.getsockname()
         if self.identify_now is not None:
-            name = self.identify_now(conn.addr, local)
+            name = self.identify_now(addr, local)
             if name is not None:
                 return name
-        return await trio.to_thread.run_sync(self.identify, conn.addr, local)
+        return await trio.to_thread.run_sync(self.identify, addr, local)
 
     async def _exchange(self, client: Stream, dl: Deadline, head_bytes: bytes, conn: Conn) -> bool:
         """Proxy one request; True when the client connection may carry another."""
@@ -751,9 +753,7 @@ class Proxy:
 
     async def caller(self, sock: socket.socket, addr: tuple[str, int]) -> str:
         """The workload identity of a local client socket (TCP upstreams ask once each)."""
-        conn = Conn(addr)
-        conn.stream = Stream(sock)
-        return await self._identify(conn)
+        return await self._identify(addr, sock)
 
     def decide(self, source: str, service: str, method: str | None = None,
                path: str | None = None) -> tuple[bool, str]:  # fmt: skip
