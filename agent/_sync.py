@@ -464,8 +464,10 @@ class SyncClient:
         entries = [value for key, (_rev, value) in sorted(self.state.config.items())
                    if key.startswith(INTENTIONS_PREFIX)]  # fmt: skip
         found = self.state.config.get(INTENTIONS_DEFAULT_KEY)
-        doc = found[1] if found is not None else None
-        pushed = doc.get("default") if isinstance(doc, dict) else "allow"
+        pushed: object = "allow"  # none pushed yet
+        if found is not None:
+            doc = found[1]
+            pushed = doc.get("default") if isinstance(doc, dict) else None  # not our format
         default: Policy = "allow" if pushed == "allow" else "deny"
         if pushed not in ("allow", "deny"):
             log.warning("pushed intentions default refused; denying", default=str(pushed))

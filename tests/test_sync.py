@@ -491,3 +491,40 @@ async def test_an_agent_woken_often_with_nothing_to_send_still_heartbeats(tmp_pa
             closed = counter(server.metrics, "hostmesh_sync_sessions_closed_total",
                              reason="heartbeat_timeout")  # fmt: skip
             assert closed == 0 and agent.sync.connected is not None
+
+
+def _pushed_intentions(tmp_path: Path, config: dict[str, object]) -> str:
+    """What an agent decides for web -> db from the config entries a server pushed."""
+    from hostmesh.agent._sync import SyncClient
+
+    cfg = agent_config(tmp_path, servers=("127.0.0.1:4150",))
+    client = SyncClient(cfg, Catalog(), lambda: light_record("node-a"), ssl.create_default_context)
+    client.state.config.update({key: (1, value) for key, value in config.items()})
+    return client.intentions().decide("web", "db").reason
+
+
+def test_pushed_intentions_and_their_default_reach_the_decision(tmp_path: Path) -> None:
+    rule = {"source": "web", "destination": "db", "action": "deny"}
+    assert "before any" not in _pushed_intentions(tmp_path, {})
+    assert _pushed_intentions(tmp_path, {}).startswith("allowed by the default policy (allow)")
+    denied = _pushed_intentions(tmp_path, {"config/intentions/db/web": rule})
+    assert denied.startswith("denied by intention web -> db deny")
+    by_default = _pushed_intentions(tmp_path, {"config/intentions-default": {"default": "deny"}})
+    assert by_default.startswith("denied by the default policy (deny)")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"config/intentions/db/web": {"source": "web", "destination": "db", "action": "maybe"}},
+        {"config/intentions/db/web": ["not", "an", "object"]},
+        {"config/intentions-default": {"default": "sometimes"}},
+        {"config/intentions-default": "allow"},
+    ],
+)
+def test_a_broken_pushed_intention_denies_rather_than_guessing(
+    tmp_path: Path, config: dict[str, object]
+) -> None:
+    # A server (or a tampered store) pushing a rule that does not parse must not
+    # turn into "no such rule": the agent denies until a good set arrives.
+    assert _pushed_intentions(tmp_path, config).startswith("denied by the default policy (deny)")
