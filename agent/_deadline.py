@@ -28,6 +28,8 @@ import socket
 
 import trio
 
+from ._loop import Loop, driving, wait_socket
+
 __all__ = ["Deadline", "DeadlineExceeded", "Timer"]
 
 #: Stale heap entries tolerated beyond two per live deadline before the heap
@@ -47,13 +49,14 @@ class Deadline:
     and turn the wake-up into a plain :class:`trio.ClosedResourceError`.
     """
 
-    __slots__ = ("_armed", "_gen", "_timer", "at", "fired", "waiting")
+    __slots__ = ("_armed", "_gen", "_timer", "at", "fired", "loop", "waiting")
 
     def __init__(self, timer: Timer) -> None:
         self._timer = timer
         self.at = math.inf  # trio.current_time() by which the phase must end
         self.fired = False
         self.waiting: socket.socket | None = None  # the socket the owner is blocked on
+        self.loop: Loop | None = None  # the proxy loop it waits in (None: in Trio)
         self._armed = math.inf  # time of this deadline's live heap entry
         self._gen = 0  # the live heap entry's generation; older entries are stale
 
@@ -89,11 +92,9 @@ class Deadline:
         if self.fired:
             raise DeadlineExceeded
         self.waiting = sock
+        self.loop = driving()
         try:
-            if writable:
-                await trio.lowlevel.wait_writable(sock)
-            else:
-                await trio.lowlevel.wait_readable(sock)
+            await wait_socket(sock, writable=writable)
         except trio.ClosedResourceError:
             if self.fired:
                 raise DeadlineExceeded from None
@@ -146,7 +147,11 @@ class Timer:
             d._armed = math.inf
             if d.at <= now:
                 d.fired = True
-                if d.waiting is not None:
+                if d.waiting is None:
+                    pass
+                elif d.loop is not None:
+                    d.loop.interrupt(d.waiting)
+                else:
                     trio.lowlevel.notify_closing(d.waiting)
             elif d.at < math.inf:
                 self._arm(d, d.at)

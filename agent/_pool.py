@@ -2,10 +2,10 @@
 
 Trio's socket methods pass through the scheduler twice per call even when
 data is already waiting; the proxy instead calls ``recv``/``send`` on a
-non-blocking socket and only parks in ``wait_readable``/``wait_writable`` when
-the kernel has nothing (the same trick that lets the DNS server keep up with
-dnsmasq). Loops that may never block call :func:`trio.lowlevel.checkpoint`
-every few iterations so one busy stream cannot starve the others or dodge
+non-blocking socket and only parks (:func:`~._loop.wait_socket`: in the
+proxy's own loop, or in Trio) when the kernel has nothing (the same trick that
+lets the DNS server keep up with dnsmasq). Loops that may never block call
+:func:`~._loop.checkpoint` every few iterations so one busy stream cannot starve the others or dodge
 a timeout.
 """
 
@@ -17,9 +17,8 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-import trio
-
 from ._deadline import Deadline
+from ._loop import wait_socket
 
 __all__ = ["CHECKPOINT_EVERY", "RECV_SIZE", "ConnectError", "Pool", "Stream", "connect"]
 
@@ -118,10 +117,8 @@ class Stream:
     async def _wait(self, dl: Deadline | None, *, writable: bool = False) -> None:
         if dl is not None:
             await dl.wait(self.sock, writable=writable)
-        elif writable:
-            await trio.lowlevel.wait_writable(self.sock)
         else:
-            await trio.lowlevel.wait_readable(self.sock)
+            await wait_socket(self.sock, writable=writable)
 
     def shutdown_write(self) -> None:
         """Half-close: tell the peer we are done sending."""
@@ -161,7 +158,7 @@ async def connect(host: str, port: int, dl: Deadline | None = None) -> Stream:
             if dl is not None:
                 await dl.wait(sock, writable=True)
             else:
-                await trio.lowlevel.wait_writable(sock)
+                await wait_socket(sock, writable=True)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise ConnectError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")

@@ -49,6 +49,7 @@ from ._http1 import (
     parse_response_head,
     response_framing,
 )
+from ._loop import Loop, checkpoint, to_trio
 from ._pool import CHECKPOINT_EVERY, ConnectError, Pool, Stream, connect
 from ._resilience import REPLAY_BUFFER, may_retry
 from ._routing import Endpoint, Router
@@ -195,6 +196,7 @@ class Proxy:
         self._clock = clock
         self._sem_free = config.max_connections
         self.timer = Timer()  # every client connection's deadline
+        self.loop = Loop()  # drives the client connections (each escapes to Trio when it must)
         self.draining = False
         self._accepting = trio.CancelScope()
         self._idle: set[Deadline] = set()  # connections waiting for their next request
@@ -230,6 +232,7 @@ class Proxy:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expire_idle)
                 nursery.start_soon(self.timer.run)
+                nursery.start_soon(self.loop.run, nursery)
                 task_status.started(listener.getsockname()[:2])
                 with self._accepting:
                     await self._accept(listener, nursery)
@@ -255,7 +258,7 @@ class Proxy:
                     self.stats.connections_refused += 1
                     self._reject_connection(sock)
                     continue
-                nursery.start_soon(self._client, sock, peer)
+                self.loop.spawn(self._client(sock, peer))
 
     async def drain(self) -> None:
         """Stop accepting, finish requests in flight, close idle connections.
@@ -501,6 +504,7 @@ class Proxy:
             name = self.identify_now(addr, local)
             if name is not None:
                 return name
+        await to_trio()
         return await trio.to_thread.run_sync(self.identify, addr, local)
 
     async def _exchange(self, client: Stream, dl: Deadline, head_bytes: bytes, conn: Conn) -> bool:
@@ -843,6 +847,7 @@ class Proxy:
             return await self._read_response_head(upstream, dl, wait_first=True)
         await upstream.send(head, dl)
         if expect:
+            await to_trio()  # the wait for the upstream's 100 is a cancel scope
             interim: Head | None = None
             with trio.move_on_after(EXPECT_CONTINUE_WAIT) as wait:
                 interim = await self._read_response_head(upstream, dl, wait_first=True)
@@ -1000,7 +1005,7 @@ async def _copy_length(src: Stream, dst: Stream, length: int, what: str,
         await dst.send(chunk, dl)
         n += 1
         if n % CHECKPOINT_EVERY == 0:
-            await trio.lowlevel.checkpoint()
+            await checkpoint()
 
 
 async def _copy_chunked(src: Stream, dst: Stream, what: str, dl: Deadline | None = None,
@@ -1024,7 +1029,7 @@ async def _copy_chunked(src: Stream, dst: Stream, what: str, dl: Deadline | None
         await dst.send(chunk, dl)
         n += 1
         if n % CHECKPOINT_EVERY == 0:
-            await trio.lowlevel.checkpoint()
+            await checkpoint()
 
 
 async def _copy_until_eof(src: Stream, dst: Stream, dl: Deadline | None = None,
@@ -1039,7 +1044,7 @@ async def _copy_until_eof(src: Stream, dst: Stream, dl: Deadline | None = None,
         await dst.send(chunk, dl)
         n += 1
         if n % CHECKPOINT_EVERY == 0:
-            await trio.lowlevel.checkpoint()
+            await checkpoint()
 
 
 async def _recv(src: Stream, what: str, dl: Deadline | None = None) -> bytes:
@@ -1068,6 +1073,7 @@ async def tunnel(a: Stream, b: Stream) -> None:
             await _copy_until_eof(src, dst)
         dst.shutdown_write()
 
+    await to_trio()  # two tasks, one per direction
     async with trio.open_nursery() as nursery:
         nursery.start_soon(one_way, a, b)
         nursery.start_soon(one_way, b, a)

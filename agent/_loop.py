@@ -1,0 +1,239 @@
+"""The proxy's connection loop: coroutines resumed straight from epoll, inside one Trio task.
+
+A proxied keep-alive request waits twice (for the upstream's answer, then
+for the client's next request). Through Trio each wait costs a registration,
+a trip through its scheduler and a task switch: about a fifth of the proxy's
+CPU for a small request. The proxy's connection coroutines wait only on
+their sockets (every wait goes through :func:`wait_socket`), so one Trio
+task, :meth:`Loop.run`, can drive them all itself: one epoll set, each
+socket registered once (edge-triggered), and a coroutine resumed with
+``send`` when its socket is ready. The loop waits in Trio on the epoll fd
+itself, and yields to Trio's other tasks between batches.
+
+A coroutine driven here must not reach a Trio primitive (a cancel scope, a
+nursery, a thread): before one it calls :func:`to_trio`, which moves it into
+a Trio task of its own for the rest of its life (a 100-continue wait, a
+WebSocket tunnel, the /proc identity fallback). The loop raises if a Trio
+trap reaches it, so a missing :func:`to_trio` is a loud bug, not a hang.
+
+Readiness is edge-triggered: an event for a socket nobody waits on is kept
+as a bit and consumed by the next wait, so no event is lost; a wait may
+wake spuriously (a stale bit), and every caller retries its read or write.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import types
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import trio
+
+__all__ = ["Loop", "checkpoint", "to_trio", "wait_socket"]
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+# Errors and hang-ups are reported whatever was asked for; they wake any waiter.
+_ANY = select.EPOLLERR | select.EPOLLHUP
+_WAIT, _ESCAPE, _YIELD = 0, 1, 2
+#: epoll events fetched per poll.
+MAX_EVENTS = 256
+
+#: The loop resuming a coroutine right now (None: Trio is running the code).
+_driving: Loop | None = None
+
+
+@types.coroutine
+def _trap(msg: tuple[Any, ...]) -> Generator[Any, Any, Any]:
+    return (yield msg)
+
+
+async def wait_socket(sock: socket.socket, *, writable: bool = False) -> None:
+    """Wait until ``sock`` is readable (or writable): in the loop if it drives us, else in Trio.
+
+    Raises:
+        trio.ClosedResourceError: woken by :meth:`Loop.interrupt` (a deadline passed).
+    """
+    if _driving is not None:
+        await _trap((_WAIT, sock, _OUT if writable else _IN))
+    elif writable:
+        await trio.lowlevel.wait_writable(sock)
+    else:
+        await trio.lowlevel.wait_readable(sock)
+
+
+async def checkpoint() -> None:
+    """Let other connections (or Trio tasks) run: for loops that may never block."""
+    if _driving is not None:
+        await _trap((_YIELD,))
+    else:
+        await trio.lowlevel.checkpoint()
+
+
+async def to_trio() -> None:
+    """From here on, run in a Trio task of our own (no-op if already in Trio)."""
+    if _driving is not None:
+        await _trap((_ESCAPE,))
+
+
+def driving() -> Loop | None:
+    """The loop driving the running code, if any (a deadline's wait records it)."""
+    return _driving
+
+
+@types.coroutine
+def _continue(coro: Coroutine[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    # Resumes ``coro`` where it escaped (its trap answers None) and passes
+    # Trio's traps, values and cancellations through, as ``await`` would.
+    return (yield from coro)
+
+
+async def _adopted(coro: Coroutine[Any, Any, Any]) -> None:
+    await _continue(coro)
+
+
+class Loop:
+    """Drives connection coroutines from one epoll set; :meth:`run` is its Trio task."""
+
+    def __init__(self) -> None:
+        self._ep = select.epoll()
+        self._registered: dict[int, socket.socket] = {}  # fd -> the socket registered on it
+        self._bits: dict[int, int] = {}  # fd -> events seen while nobody waited
+        self._waiters: dict[int, tuple[Coroutine[Any, Any, Any], int]] = {}  # fd -> (coro, mask)
+        self._ready: list[tuple[Coroutine[Any, Any, Any], BaseException | None]] = []
+        self._live: set[Coroutine[Any, Any, Any]] = set()
+        self._sleep: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._error: BaseException | None = None
+
+    def __len__(self) -> int:
+        """Coroutines driven here (waiting or ready)."""
+        return len(self._live)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` here from its first step (callable from any Trio task)."""
+        self._live.add(coro)
+        self._ready.append((coro, None))
+        self._wake()
+
+    def interrupt(self, sock: socket.socket) -> None:
+        """Wake the coroutine waiting on ``sock`` with :class:`trio.ClosedResourceError`."""
+        waiter = self._waiters.pop(sock.fileno(), None)
+        if waiter is not None:
+            self._ready.append((waiter[0], trio.ClosedResourceError("deadline")))
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._sleep is not None:
+            self._sleep.cancel()
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Drive the coroutines until cancelled; escaped ones move into ``nursery``.
+
+        On exit every coroutine still here is closed (its ``finally`` blocks
+        run). A coroutine's uncaught exception ends the loop with it, as it
+        would end a Trio nursery.
+        """
+        self._nursery = nursery
+        poll = self._ep.poll
+        try:
+            while True:
+                slept = False
+                if not self._ready:
+                    events = poll(0, MAX_EVENTS)
+                    if not events:
+                        with trio.CancelScope() as self._sleep:
+                            await trio.lowlevel.wait_readable(self._ep.fileno())
+                        self._sleep = None
+                        slept = True
+                        events = poll(0, MAX_EVENTS)
+                else:
+                    events = poll(0, MAX_EVENTS)
+                self._dispatch(events)
+                # One batch: what becomes ready meanwhile (a checkpoint, a wait
+                # that finds its event) runs after Trio's other tasks had a turn.
+                ready, self._ready = self._ready, []
+                for coro, exc in ready:
+                    self._step(coro, exc)
+                if self._error is not None:
+                    raise self._error
+                if not slept:
+                    await trio.lowlevel.checkpoint()  # the rest of the agent gets its turn
+        finally:
+            self._sleep = None
+            self._close_all()
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        waiters = self._waiters
+        bits = self._bits
+        ready = self._ready
+        for fd, ev in events:
+            waiter = waiters.get(fd)
+            if waiter is not None and ev & waiter[1]:
+                del waiters[fd]
+                ready.append((waiter[0], None))
+            else:
+                bits[fd] = bits.get(fd, 0) | ev
+
+    def _step(self, coro: Coroutine[Any, Any, Any], exc: BaseException | None) -> None:
+        global _driving
+        _driving = self
+        try:
+            trap = coro.send(None) if exc is None else coro.throw(exc)
+        except StopIteration:
+            self._live.discard(coro)
+            return
+        except BaseException as error:  # a bug in the connection code: end the loop
+            self._live.discard(coro)
+            self._error = error
+            return
+        finally:
+            _driving = None
+        kind = trap[0] if type(trap) is tuple else None
+        if kind == _WAIT:
+            self._wait(coro, trap[1], trap[2])
+        elif kind == _YIELD:
+            self._ready.append((coro, None))
+        elif kind == _ESCAPE:
+            self._live.discard(coro)
+            assert self._nursery is not None
+            self._nursery.start_soon(_adopted, coro)
+        else:
+            self._live.discard(coro)
+            coro.close()
+            self._error = RuntimeError(f"a Trio operation reached the proxy loop: {trap!r}")
+
+    def _wait(self, coro: Coroutine[Any, Any, Any], sock: socket.socket, want: int) -> None:
+        fd = sock.fileno()
+        if self._registered.get(fd) is not sock:
+            # A new socket, or a new one on a reused fd (the kernel dropped the old one).
+            try:
+                self._ep.register(fd, _IN | _OUT | select.EPOLLET)
+            except FileExistsError:
+                self._ep.modify(fd, _IN | _OUT | select.EPOLLET)
+            self._registered[fd] = sock
+            self._bits.pop(fd, None)
+        else:
+            seen = self._bits.get(fd, 0)
+            if seen & (want | _ANY):
+                self._bits[fd] = seen & ~want
+                self._ready.append((coro, None))
+                return
+        self._waiters[fd] = (coro, want | _ANY)
+
+    def _close_all(self) -> None:
+        live, self._live = self._live, set()
+        self._waiters.clear()
+        self._ready.clear()
+        global _driving
+        for coro in live:
+            _driving = self
+            try:
+                coro.close()
+            except BaseException:
+                pass
+            finally:
+                _driving = None
+        self._ep.close()

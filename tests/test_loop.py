@@ -1,0 +1,242 @@
+"""The proxy's connection loop (agent/_loop.py): coroutines driven straight from epoll."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+from conftest import trio_test
+
+from hostmesh.agent._deadline import DeadlineExceeded, Timer
+from hostmesh.agent._loop import Loop, checkpoint, to_trio, wait_socket
+from hostmesh.agent._pool import Stream
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def _echo_once(sock: socket.socket, log: list[bytes]) -> None:
+    stream = Stream(sock)
+    assert await stream.fill()
+    log.append(bytes(stream.buf))
+    await stream.send(bytes(stream.buf).upper())
+
+
+@trio_test(10)
+async def test_many_coroutines_interleave_on_their_sockets() -> None:
+    loop = Loop()
+    pairs = [_pair() for _ in range(50)]
+    log: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, nursery)
+            for ours, _ in pairs:
+                loop.spawn(_echo_once(ours, log))
+            await trio.sleep(0.05)
+            assert log == []  # all parked, none busy-waiting
+            for i, (_, theirs) in enumerate(reversed(pairs)):
+                theirs.send(b"req%d" % i)
+            for i, (_, theirs) in enumerate(reversed(pairs)):
+                await trio.lowlevel.wait_readable(theirs)
+                assert theirs.recv(100) == b"REQ%d" % i
+            assert len(loop) == 0
+            nursery.cancel_scope.cancel()
+    assert sorted(log) == sorted(b"req%d" % i for i in range(50))
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+@trio_test(10)
+async def test_data_that_came_while_nobody_waited_is_not_lost() -> None:
+    # Edge-triggered: the event arrives before the coroutine waits (it was
+    # busy); the next wait must see it rather than sleep forever.
+    loop = Loop()
+    ours, theirs = _pair()
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        await wait_socket(ours)  # registers the socket; nothing to read yet
+        got.append(ours.recv(10))
+        for _ in range(3):
+            await checkpoint()  # busy while the second message arrives
+        await wait_socket(ours)  # the event already happened
+        got.append(ours.recv(10))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, nursery)
+            loop.spawn(reader())
+            await trio.sleep(0.01)
+            theirs.send(b"one")
+            while not got:
+                await trio.sleep(0.001)
+            theirs.send(b"two")
+            while len(got) < 2:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    assert got == [b"one", b"two"]
+    ours.close()
+    theirs.close()
+
+
+@trio_test(10)
+async def test_a_new_socket_on_a_reused_fd_is_registered_again() -> None:
+    # The kernel drops a closed socket from the epoll set; the next socket on
+    # that fd number (POSIX hands out the lowest free one) must be registered anew.
+    loop = Loop()
+    results: list[bytes] = []
+    fds = []
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, nursery)
+            for round_ in range(3):
+                ours, theirs = _pair()
+                fds.append(ours.fileno())
+                loop.spawn(_echo_once(ours, results))
+                await trio.sleep(0.01)
+                theirs.send(b"x%d" % round_)
+                await trio.lowlevel.wait_readable(theirs)
+                assert theirs.recv(10) == b"X%d" % round_
+                ours.close()
+                theirs.close()
+            nursery.cancel_scope.cancel()
+    assert fds[0] == fds[1] == fds[2]  # the case under test did happen
+    assert results == [b"x0", b"x1", b"x2"]
+
+
+@trio_test(10)
+async def test_a_deadline_wakes_a_waiting_coroutine_with_deadline_exceeded() -> None:
+    loop = Loop()
+    timer = Timer()
+    ours, theirs = _pair()
+    outcome: list[str] = []
+
+    async def waiter() -> None:
+        dl = timer.deadline()
+        dl.after(0.2)
+        try:
+            await Stream(ours).fill(dl)
+            outcome.append("data")
+        except DeadlineExceeded:
+            outcome.append("timeout")
+        finally:
+            dl.close()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(timer.run)
+            nursery.start_soon(loop.run, nursery)
+            start = trio.current_time()
+            loop.spawn(waiter())
+            while not outcome:
+                await trio.sleep(0.01)
+            elapsed = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+    assert outcome == ["timeout"]
+    assert 0.15 < elapsed < 1.0
+    ours.close()
+    theirs.close()
+
+
+@trio_test(10)
+async def test_to_trio_moves_a_coroutine_into_a_trio_task() -> None:
+    loop = Loop()
+    ours, theirs = _pair()
+    steps: list[str] = []
+
+    async def conn() -> None:
+        await wait_socket(ours)
+        steps.append(ours.recv(10).decode())
+        await to_trio()
+        with trio.move_on_after(0.05) as scope:  # a cancel scope: only in Trio
+            await trio.sleep_forever()
+        steps.append("cancelled" if scope.cancelled_caught else "?")
+        await wait_socket(ours)  # Trio's wait now
+        steps.append(ours.recv(10).decode())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, nursery)
+            loop.spawn(conn())
+            await trio.sleep(0.01)
+            theirs.send(b"a")
+            await trio.sleep(0.2)
+            assert len(loop) == 0  # it left the loop
+            theirs.send(b"b")
+            while len(steps) < 3:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert steps == ["a", "cancelled", "b"]
+    ours.close()
+    theirs.close()
+
+
+@trio_test(10)
+async def test_a_trio_primitive_reached_in_the_loop_is_a_loud_error() -> None:
+    loop = Loop()
+
+    async def forgot_to_trio() -> None:
+        await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(5), pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="Trio")):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, nursery)
+            loop.spawn(forgot_to_trio())
+
+
+@trio_test(10)
+async def test_cancelling_the_loop_closes_its_coroutines() -> None:
+    loop = Loop()
+    ours, theirs = _pair()
+    cleaned: list[str] = []
+
+    async def conn() -> None:
+        try:
+            await wait_socket(ours)
+        finally:
+            cleaned.append("closed")
+            ours.close()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, nursery)
+            loop.spawn(conn())
+            await trio.sleep(0.01)
+            assert cleaned == []
+            nursery.cancel_scope.cancel()
+    assert cleaned == ["closed"]
+    assert ours.fileno() == -1
+    theirs.close()
+
+
+@trio_test(10)
+async def test_other_trio_tasks_run_while_the_loop_is_busy() -> None:
+    loop = Loop()
+    ticks = 0
+
+    async def spinner() -> None:
+        while True:
+            await checkpoint()  # never blocks
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, nursery)
+            loop.spawn(spinner())
+            nursery.start_soon(ticker)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    assert ticks > 100
