@@ -64,8 +64,10 @@ HOP_BY_HOP = frozenset(
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # field-value: visible chars, obs-text, SP and HTAB; no CR, LF or other CTLs.
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\r\n")
-_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# Possessive and greedy: no backtracking (a lazy value with a trailing-space
+# group cost more than the rest of parsing); trailing SP/HTAB is stripped after.
+_FIELD = re.compile(rb"(" + _TOKEN + rb"+):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n")
+_FIELDS = re.compile(rb"(?:" + _TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n)*+")
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])")
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
@@ -131,7 +133,7 @@ def _fields(block: bytes) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
     """Split the field section (each line ending in CRLF) into pairs and raw lines."""
     if _FIELDS.fullmatch(block) is None:
         raise HttpError(400, "bad-header", "invalid header field (name, value or line folding)")
-    pairs = [(name.lower(), value) for name, value in _FIELD.findall(block)]
+    pairs = [(name.lower(), value.rstrip(b" \t")) for name, value in _FIELD.findall(block)]
     if len(pairs) > MAX_HEADERS:
         raise HttpError(431, "headers-too-large", f"more than {MAX_HEADERS} header fields")
     return pairs, block[:-2].split(b"\r\n") if block else []

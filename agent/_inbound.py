@@ -214,6 +214,7 @@ class InboundProxy(Proxy):
                               node=stream.peer.node)  # fmt: skip
             stream.close()
             return None
+        conn.identity = f"node:{stream.peer.node}"
         return stream
 
     # --- requests ---------------------------------------------------------------
@@ -226,8 +227,8 @@ class InboundProxy(Proxy):
             raise HttpError(400, "bad-request-target", "expected an origin-form target")
         return service, req.target
 
-    async def _route(self, req: Head, service: bytes, path: bytes, conn: Conn,
-                     now: float) -> tuple[RouteLike, bytes]:  # fmt: skip
+    def _route(self, req: Head, service: bytes, path: bytes, conn: Conn,
+               now: float) -> tuple[RouteLike, bytes]:  # fmt: skip
         stream = conn.stream
         assert isinstance(stream, TlsStream) and self.mesh is not None
         peer_node = stream.peer.node
@@ -277,7 +278,7 @@ class InboundProxy(Proxy):
         """``CONNECT``: a TCP stream to the instance, after the same checks as a request."""
         try:
             service, _ = self._destination(req)
-            state, _ = await self._route(req, service, b"", conn, self._clock())
+            state, _ = self._route(req, service, b"", conn, self._clock())
         except HttpError as exc:
             self._refuse(exc.reason)
             dl.after(self.config.header_timeout)

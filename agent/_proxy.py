@@ -148,7 +148,9 @@ class Conn:
     def __init__(self, addr: tuple[str, int]) -> None:
         self.addr = addr
         self.peer = addr[0]  # for X-Forwarded-For
-        self.identity: str | None = None  # workload identity, looked up on first need
+        # Workload identity, looked up once (with the mesh); the inbound side sets
+        # the peer node's, from its certificate.
+        self.identity: str | None = None
         self.stream: Stream | None = None
 
 
@@ -468,9 +470,10 @@ class Proxy:
             lines.append(b"Upgrade: " + (req.get(b"upgrade") or b""))
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    async def _route(self, req: Head, service: bytes, path: bytes, conn: Conn,
-                     now: float) -> tuple[RouteLike, bytes]:  # fmt: skip
-        """The request's route and the caller's identity for the mesh headers.
+    def _route(self, req: Head, service: bytes, path: bytes, conn: Conn,
+               now: float) -> tuple[RouteLike, bytes]:  # fmt: skip
+        """The request's route and the caller's identity for the mesh headers
+        (``conn.identity``: looked up by :meth:`_exchange` first).
 
         Raises:
             HttpError: no such service or route; 403 when intentions deny the caller.
@@ -481,9 +484,7 @@ class Proxy:
         if self.mesh is None:
             return state, b""
         source = conn.identity
-        if source is None:
-            assert conn.stream is not None
-            source = conn.identity = await self._identify(conn.addr, conn.stream.sock)
+        assert source is not None
         if self.intentions is not None:
             # Enforced by the destination's agent; refused here at once when we know.
             decision = self.intentions().decide(source, name, req.method.decode("ascii"),
@@ -522,7 +523,10 @@ class Proxy:
             raise HttpError(417, "bad-expect", "only Expect: 100-continue is supported")
         now = self._clock()
         try:
-            state, source = await self._route(req, service, path, conn, now)
+            if conn.identity is None and self.mesh is not None:
+                assert conn.stream is not None
+                conn.identity = await self._identify(conn.addr, conn.stream.sock)
+            state, source = self._route(req, service, path, conn, now)
         except HttpError as exc:
             return await self._refuse_request(client, dl, exc, framing, length, client_close)
         # A body held whole can be replayed on a retry; a larger one streams once.
