@@ -5,7 +5,8 @@
 
 Starts a hostmesh agent (its own process, DNS on a free loopback port) with
 one instance of ``udvr`` at 10.0.0.1, and dnsmasq with the same static answer
-for ``udvr.svc.mesh``. dnsperf (one process, 100 queries outstanding) asks
+for ``udvr.svc.mesh``, and a bare CPython answer loop (bench/floor_dns.py): the
+most any Python server can do here. dnsperf (one process, 100 queries outstanding) asks
 for ``udvr.svc.mesh A`` for the same time against each, and then against
 hostmesh again while the catalog changes 10 times a second (a TTL check
 flipping between passing and warning through the agent API, each flip a new
@@ -33,6 +34,7 @@ from pathlib import Path
 import psutil
 
 NAME = "udvr.svc.mesh"
+FLOOR_LABEL = "bare CPython loop"
 ADDRESS = "10.0.0.1"
 
 
@@ -118,6 +120,11 @@ def main() -> int:
              f"--host-record={NAME},{ADDRESS}", "--user=root", "--cache-size=1000",
              "--log-facility=/dev/null"],
         )  # fmt: skip
+        floor_port = free_port()
+        floor = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("floor_dns.py")), str(floor_port),
+             ADDRESS], cwd=tmp,
+        )  # fmt: skip
         try:
             deadline = time.monotonic() + 20
             while True:
@@ -133,10 +140,12 @@ def main() -> int:
                     time.sleep(0.1)
             wait_for_answer(dns_port)
             wait_for_answer(mask_port)
+            wait_for_answer(floor_port)
 
             results = {}
             results["dnsmasq"] = dnsperf(mask_port, args.seconds, queries)
             results["hostmesh"] = dnsperf(dns_port, args.seconds, queries)
+            results[FLOOR_LABEL] = dnsperf(floor_port, args.seconds, queries)
 
             stop = threading.Event()
             flips = 0
@@ -162,9 +171,9 @@ def main() -> int:
             change_rate = flips / (time.monotonic() - start)
             rss = psutil.Process(agent.pid).memory_info().rss / 2**20
         finally:
-            for proc in (agent, peer):
+            for proc in (agent, peer, floor):
                 proc.send_signal(signal.SIGTERM)
-            for proc in (agent, peer):
+            for proc in (agent, peer, floor):
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
@@ -184,6 +193,8 @@ def main() -> int:
         )
     lines += [
         "",
+        f"{FLOOR_LABEL}: bench/floor_dns.py, epoll + recvfrom/sendto of cached answers, no"
+        " Trio, no rules: what CPython allows at all",
         f"catalog changes during the churn run: {change_rate:.1f}/s",
         f"hostmesh agent RSS after the runs: {rss:.1f} MiB",
     ]

@@ -9,7 +9,9 @@ Starts, on free loopback ports and in one temp directory:
 - nginx as a reverse proxy (one worker, an ``upstream`` with ``keepalive 64``);
 - HAProxy (``nbthread 1``, ``mode http``, ``http-reuse always``);
 - a hostmesh agent (its own process) with ``backend`` in ``services.d``, whose
-  outbound proxy is asked with ``Host: backend``.
+  outbound proxy is asked with ``Host: backend``;
+- bench/floor_proxy.py, a bare CPython epoll relay (no validation, routing or
+  metrics): the least a proxied request can cost in Python here.
 
 wrk (``-t1 -c<connections> --latency``) runs the same time against the backend
 directly and through each proxy. Then a paced, open-loop Python client sends
@@ -48,6 +50,8 @@ WARMUP = 1.0  # s of wrk before each measured run (pools filled, caches warm); n
 PACED_RATE = 1000  # requests/s of the paced client
 PACED_CONNECTIONS = 8  # keep-alive connections of the paced client; each sends every 8 ms
 PACED_SKIP = 0.5  # s at the start of a paced run left out of the latencies
+FLOOR = Path(__file__).with_name("floor_proxy.py")
+FLOOR_LABEL = "bare CPython relay"
 GOAL_RPS_VS_NGINX = 0.5  # hostmesh rps >= this x nginx proxy rps
 GOAL_ADDED_P99_MS = 1.0  # ms added to p99 at 1,000 rps
 NOISE_LIMIT = 2.0  # core-s of other processes' CPU during a run above which it is flagged
@@ -454,7 +458,8 @@ def main() -> int:
         procs = Processes(tmp)
         try:
             ports = {name: free_port() for name in
-                     ("backend", "nginx", "haproxy", "api", "dns", "gossip", "proxy")}  # fmt: skip
+                     ("backend", "nginx", "haproxy", "api", "dns", "gossip", "proxy",
+                      "floor")}  # fmt: skip
             for name, body in (
                 ("backend", NGINX_BACKEND.format(port=ports["backend"])),
                 ("nginx", NGINX_PROXY.format(port=ports["nginx"], backend=ports["backend"])),
@@ -468,6 +473,8 @@ def main() -> int:
                 HAPROXY.format(port=ports["haproxy"], backend=ports["backend"])
             )
             procs.start("haproxy", [haproxy, "-db", "-f", str(tmp / "haproxy.cfg")], cwd=tmp)
+            procs.start("floor", [sys.executable, str(FLOOR), str(ports["floor"]),
+                                  str(ports["backend"])], cwd=tmp)  # fmt: skip
             (tmp / "services.d").mkdir()
             (tmp / "services.d" / f"{SERVICE}.toml").write_text(
                 f'name = "{SERVICE}"\naddress = "127.0.0.1"\nport = {ports["backend"]}\n'
@@ -484,6 +491,7 @@ def main() -> int:
                 "nginx proxy": ("nginx", ports["nginx"]),
                 "haproxy": ("haproxy", ports["haproxy"]),
                 "hostmesh": ("hostmesh", ports["proxy"]),
+                FLOOR_LABEL: ("floor", ports["floor"]),
             }
             wait_ready(procs, "hostmesh", f"http://127.0.0.1:{ports['api']}/ready")
             for name, port in targets.values():
@@ -529,6 +537,7 @@ def main() -> int:
             f"{cpu[label]:>6.2f}{r.rps / base:>15.2f}x"
         )
     ratio_nginx = hm.rps / base
+    floor = results[FLOOR_LABEL]
     ratio_haproxy = hm.rps / results["haproxy"].rps
     direct, through = paced_results["direct"], paced_results["hostmesh"]
     added = through.p99_ms - direct.p99_ms
@@ -542,6 +551,12 @@ def main() -> int:
         f"hostmesh / nginx proxy rps: {ratio_nginx:.2f}x   (goal >= {GOAL_RPS_VS_NGINX}x:"
         f" {verdict(ratio_nginx >= GOAL_RPS_VS_NGINX)})",
         f"hostmesh / haproxy rps:     {ratio_haproxy:.2f}x",
+        f"hostmesh / {FLOOR_LABEL}: {hm.rps / floor.rps:.2f}x; CPU per request:"
+        f" hostmesh {cpu['hostmesh'] / hm.rps * 1e6:.0f} us, floor"
+        f" {cpu[FLOOR_LABEL] / floor.rps * 1e6:.0f} us,"
+        f" nginx {cpu['nginx proxy'] / base * 1e6:.0f} us",
+        f"({FLOOR_LABEL}: bench/floor_proxy.py, an epoll relay with no validation, routing or"
+        " metrics: what CPython allows at all)",
         "",
         f"paced load: {PACED_RATE} rps open loop to each target at the same time (sends"
         f" interleaved), {PACED_CONNECTIONS} keep-alive connections each",
