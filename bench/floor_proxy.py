@@ -49,6 +49,14 @@ def main() -> int:
         ep.register(conn.sock.fileno(), select.EPOLLIN)
         return conn
 
+    def close(conn: _Conn) -> None:
+        if conn in idle:
+            idle.remove(conn)
+        if conn.sock.fileno() in conns:
+            del conns[conn.sock.fileno()]
+            ep.unregister(conn.sock.fileno())
+        conn.sock.close()
+
     while True:
         for fd, _ in ep.poll():
             if fd == listener.fileno():
@@ -59,15 +67,19 @@ def main() -> int:
                         break
                     add(_Conn(sock, upstream=False))
                 continue
-            conn = conns[fd]
+            conn = conns.get(fd)
+            if conn is None:
+                continue  # closed earlier in this batch
             try:
                 data = conn.sock.recv(65536)
             except BlockingIOError:
                 continue
+            except OSError:  # reset: as good as closed
+                data = b""
             if not data:
-                ep.unregister(fd)
-                conn.sock.close()
-                del conns[fd]
+                close(conn)
+                if conn.client is not None:
+                    close(conn.client)  # its upstream went away mid-response
                 continue
             buf = conn.buf + data
             end = buf.find(b"\r\n\r\n")
@@ -76,12 +88,20 @@ def main() -> int:
                 continue
             if not conn.upstream:
                 conn.buf = buf[end + 4 :]
-                if idle:
-                    up = idle.pop()
-                else:
-                    up = add(_Conn(socket.create_connection(("127.0.0.1", backend)), upstream=True))
-                up.client = conn
-                up.sock.send(buf[: end + 4])
+                while True:
+                    if idle:
+                        up = idle.pop()
+                    else:
+                        up = add(
+                            _Conn(socket.create_connection(("127.0.0.1", backend)), upstream=True)
+                        )
+                    try:
+                        up.sock.send(buf[: end + 4])
+                    except OSError:  # closed while idle
+                        close(up)
+                        continue
+                    up.client = conn
+                    break
                 continue
             at = buf.lower().find(b"content-length:", 0, end)
             length = int(buf[at + 15 : buf.find(b"\r\n", at)])
@@ -92,7 +112,10 @@ def main() -> int:
             client, conn.client = conn.client, None
             idle.append(conn)
             if client is not None:
-                client.sock.send(buf[: end + 4 + length])
+                try:
+                    client.sock.send(buf[: end + 4 + length])
+                except OSError:
+                    close(client)
 
 
 if __name__ == "__main__":
