@@ -11,8 +11,10 @@ comes due the timer finds the deadline moved and re-arms it. Only a deadline
 moved earlier than its entry pushes a new one.
 
 When a deadline passes, the timer marks it fired and wakes the task blocked
-on the deadline's socket with :func:`trio.lowlevel.notify_closing`; that
-task's wait raises :class:`DeadlineExceeded` (:meth:`Deadline.wait`). Every
+on the deadline's socket with :func:`trio.lowlevel.notify_closing` (or, for a
+connection driven by the proxy's :class:`~._loop.Loop`, with
+:meth:`~._loop.Loop.interrupt`); that wait raises :class:`DeadlineExceeded`
+(:meth:`Deadline.wait`). Every
 phase that times out ends with that socket discarded or answered and closed
 (a 408 to the client, an upstream connection thrown away after a 504), so
 waking it as if it were closing is safe. A task that is not blocked finds
