@@ -210,9 +210,13 @@ class Loop:
         if self._registered.get(fd) is not sock:
             # A new socket, or a new one on a reused fd (the kernel dropped the old one).
             try:
-                self._ep.register(fd, _IN | _OUT | select.EPOLLET)
-            except FileExistsError:
-                self._ep.modify(fd, _IN | _OUT | select.EPOLLET)
+                try:
+                    self._ep.register(fd, _IN | _OUT | select.EPOLLET)
+                except FileExistsError:
+                    self._ep.modify(fd, _IN | _OUT | select.EPOLLET)
+            except (OSError, ValueError) as exc:  # closed (fd -1): the waiter's error, as in Trio
+                self._ready.append((coro, exc))
+                return
             self._registered[fd] = sock
             self._bits.pop(fd, None)
         else:

@@ -240,3 +240,32 @@ async def test_other_trio_tasks_run_while_the_loop_is_busy() -> None:
             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
     assert ticks > 100
+
+
+@trio_test(10)
+async def test_waiting_on_a_closed_socket_fails_that_wait_not_the_loop() -> None:
+    loop = Loop()
+    ours, theirs = _pair()
+    ours.close()
+    errors: list[str] = []
+    served: list[bytes] = []
+
+    async def broken() -> None:
+        try:
+            await wait_socket(ours)
+        except (OSError, ValueError) as exc:
+            errors.append(type(exc).__name__)
+
+    a, b = _pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.run, nursery)
+        loop.spawn(broken())
+        loop.spawn(_echo_once(a, served))  # the loop goes on serving others
+        await trio.sleep(0.01)
+        b.send(b"still here")
+        await trio.lowlevel.wait_readable(b)
+        assert b.recv(100) == b"STILL HERE"
+        nursery.cancel_scope.cancel()
+    assert errors == ["ValueError"]
+    for s in (theirs, a, b):
+        s.close()
