@@ -225,6 +225,9 @@ class Loop:
                 self._bits[fd] = seen & ~want
                 self._ready.append((coro, None))
                 return
+        if fd in self._waiters:  # two waiters on one socket: the second's error, as in Trio
+            self._ready.append((coro, trio.BusyResourceError("another task waits on this socket")))
+            return
         self._waiters[fd] = (coro, want | _ANY)
 
     def _close_all(self) -> None:

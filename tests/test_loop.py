@@ -269,3 +269,31 @@ async def test_waiting_on_a_closed_socket_fails_that_wait_not_the_loop() -> None
     assert errors == ["ValueError"]
     for s in (theirs, a, b):
         s.close()
+
+
+@trio_test(10)
+async def test_a_second_waiter_on_one_socket_gets_busy_resource_error() -> None:
+    loop = Loop()
+    ours, theirs = _pair()
+    outcome: list[str] = []
+
+    async def reader(name: str) -> None:
+        try:
+            await wait_socket(ours)
+            outcome.append(f"{name} woke")
+        except trio.BusyResourceError:
+            outcome.append(f"{name} busy")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.run, nursery)
+        loop.spawn(reader("first"))
+        await trio.sleep(0.01)
+        loop.spawn(reader("second"))
+        await trio.sleep(0.01)
+        theirs.send(b"x")
+        while len(outcome) < 2:
+            await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    assert outcome == ["second busy", "first woke"]
+    ours.close()
+    theirs.close()
