@@ -25,8 +25,8 @@ from hostmesh._net import bind_udp_tcp
 
 from ._codec import FRAME_OVERHEAD, MAX_TCP_FRAME, DecodeError, decode, encode, frame, unframe
 from ._keyring import SEAL_OVERHEAD, DecryptError, Keyring, KeyringError
-from ._messages import KeyringOp, KeyringRequest, KeyringResponse, PushPull
-from ._swim import KeyringWork, Send, StartPushPull, Swim
+from ._messages import Ack, KeyringOp, KeyringRequest, KeyringResponse, Ping, PushPull
+from ._swim import KeyringWork, Send, StartPushPull, Swim, TcpPing
 
 __all__ = [
     "DEFAULT_PORT",
@@ -206,10 +206,15 @@ class GossipNode:
             self._drop("undecryptable" if isinstance(exc, DecryptError) else "malformed")
             return None
 
-    async def _execute(self, outputs: Iterable[Send | StartPushPull | KeyringWork]) -> None:
+    async def _execute(
+        self, outputs: Iterable[Send | StartPushPull | KeyringWork | TcpPing]
+    ) -> None:
         for out in outputs:
             if isinstance(out, Send):
                 await self.transport.send(out.addr, self._seal(out.payload))
+            elif isinstance(out, TcpPing):
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._tcp_ping, out)
             elif isinstance(out, KeyringWork):
                 msg = out.message
                 if isinstance(msg, KeyringRequest):
@@ -319,6 +324,14 @@ class GossipNode:
         return False
 
     def _decode_push_pull(self, data: bytes) -> PushPull | None:
+        msg = self._decode_stream(data)
+        if msg is not None and not isinstance(msg, PushPull):
+            self._drop("unexpected")
+            return None
+        return msg
+
+    def _decode_stream(self, data: bytes) -> PushPull | Ping | Ack | None:
+        """A stream frame: a push-pull leg, or a TCP ping and its ack."""
         payload = self._open(data)
         if payload is None:
             return None
@@ -327,17 +340,39 @@ class GossipNode:
         except DecodeError:
             self._drop("malformed")
             return None
-        if not isinstance(msg, PushPull):
+        if not isinstance(msg, PushPull | Ping | Ack):
             self._drop("unexpected")
             return None
         return msg
+
+    async def _tcp_ping(self, ping: TcpPing) -> None:
+        """memberlist's TCP fallback probe: a ping on a new stream, its ack by ``deadline``."""
+        with trio.move_on_at(ping.deadline):
+            try:
+                stream = await self.transport.connect(ping.addr)
+                async with stream:
+                    await _send_frame(stream, self._seal(ping.payload))
+                    answer = self._decode_stream(await _receive_frame(stream))
+                    if isinstance(answer, Ack) and answer.seq == ping.seq:
+                        self.swim.tcp_acked(ping.seq, trio.current_time())
+                        return
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, DecodeError):
+                pass
+        self._drop("tcp_ping_failed")
 
     async def _answer_push_pull(self, stream: trio.abc.Stream) -> None:
         async with stream:
             with trio.move_on_after(PUSH_PULL_TIMEOUT):
                 try:
-                    request = self._decode_push_pull(await _receive_frame(stream))
-                    if request is None:
+                    request = self._decode_stream(await _receive_frame(stream))
+                    if isinstance(request, Ping):  # a TCP fallback probe
+                        ack = self.swim.answer_tcp_ping(request)
+                        if ack is not None:
+                            await _send_frame(stream, self._seal(encode(ack)))
+                        return
+                    if not isinstance(request, PushPull):
+                        if request is not None:
+                            self._drop("unexpected")
                         return
                     reply = self.swim.answer_push_pull(request, trio.current_time())
                     self.on_change()

@@ -11,7 +11,9 @@ memberlist (state.go):
 - Every probe interval (scaled by the awareness score) one member, in a
   shuffled round-robin order, is pinged. No ack within the probe timeout:
   ``indirect_checks`` other members are asked to ping it and to nack if it
-  does not answer. No ack by the end of the interval: it is suspected.
+  does not answer, and it is pinged over TCP as well (memberlist's fallback:
+  lost UDP rarely stops a stream, which TCP retransmits; :class:`TcpPing`). No
+  ack by the end of the interval: it is suspected.
 - A suspicion lasts between min = mult x max(1, log10 N) x probe interval and
   max = 6 x min, shrinking with independent confirmations; then the member is
   declared dead. A member refutes a suspicion or death of itself by gossiping
@@ -70,7 +72,7 @@ from ._messages import (
 from ._model import NodeRecord
 from ._suspicion import Suspicion, expected_confirmations, suspicion_timeout_bounds
 
-__all__ = ["KeyringWork", "Member", "Send", "StartPushPull", "Swim"]
+__all__ = ["KeyringWork", "Member", "Send", "StartPushPull", "Swim", "TcpPing"]
 
 #: Bytes of a UDP packet that are not messages: the frame (version, CRC) and,
 #: with a keyring, the seal (version, nonce, tag); reserved whether or not
@@ -114,13 +116,28 @@ class StartPushPull:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpPing:
+    """Ping ``addr`` over TCP beside the indirect probes (memberlist's fallback: UDP
+    loss rarely stops a stream, whose packets are retransmitted).
+
+    The adapter sends ``payload`` (an encoded :class:`Ping`) on a new stream and
+    hands an :class:`Ack` that comes back before ``deadline`` to :meth:`Swim.tcp_acked`.
+    """
+
+    addr: str
+    payload: bytes
+    seq: int
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
 class KeyringWork:
     """A keyring request or response for the adapter (which owns the keyring)."""
 
     message: KeyringRequest | KeyringResponse
 
 
-Output = Send | StartPushPull | KeyringWork
+Output = Send | StartPushPull | KeyringWork | TcpPing
 
 
 @dataclass
@@ -346,6 +363,20 @@ class Swim:
         if relay is not None:
             return [Send(relay.origin_addr, encode(Ack(relay.origin_seq)))]
         return []
+
+    def tcp_acked(self, seq: int, now: float) -> None:
+        """The target of probe ``seq`` answered our TCP ping: the probe succeeded."""
+        probe = self._probe
+        if probe is not None and probe.seq == seq and not probe.acked:
+            probe.acked = True
+            self._count("tcp_fallback_acks")  # UDP failed where TCP got through
+
+    def answer_tcp_ping(self, msg: Ping) -> Ack | None:
+        """The answer to a ping that came over a stream (None: not addressed to us)."""
+        if msg.target != self.name:
+            self._count("dropped_wrong_target")
+            return None
+        return Ack(msg.seq)
 
     def _refute(self, incarnation: int) -> None:
         """Someone thinks we are suspect or dead: outbid them."""
@@ -602,7 +633,10 @@ class Swim:
             probe.expected_nacks = len(chosen)
             msg = IndirectPing(probe.seq, target.name, target.addr, self.name, self.addr, True)
             self._count("indirect_probes")
-            return [Send(m.addr, encode(msg)) for m in chosen]
+            out: list[Output] = [Send(m.addr, encode(msg)) for m in chosen]
+            ping = Ping(probe.seq, target.name, self.name, self.addr)
+            out.append(TcpPing(target.addr, encode(ping), probe.seq, probe.end))
+            return out
         if now < probe.end:
             return []
         # No ack at all: suspect it. Lifeguard: missing nacks mean our own trouble.

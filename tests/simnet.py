@@ -2,8 +2,11 @@
 
 Packets are delivered after ``latency`` seconds unless lost (``loss``
 probability), blocked by a partition, or addressed to a killed member.
-Streams (push-pull) are in-memory stream pairs handled in the destination's
-nursery; an unreachable destination raises OSError like a refused connect.
+Streams (push-pull, TCP pings) are in-memory stream pairs handled in the
+destination's nursery; an unreachable destination raises OSError like a refused
+connect. Loss delays a stream rather than dropping bytes, as TCP's
+retransmissions do: a lost SYN costs Linux's initial RTO (1 s, RFC 6298), a lost
+segment its minimum RTO (200 ms), each with probability ``loss``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,32 @@ from hostmesh.catalog._gossip import StreamHandler, Transport
 
 #: Packets waiting in one member's inbox; more are dropped (a full socket buffer).
 INBOX = 4096
+#: s a lost SYN delays a connect (Linux's initial retransmission timeout).
+SYN_RTO = 1.0
+#: s a lost segment delays a stream write (Linux's minimum retransmission timeout).
+MIN_RTO = 0.2
+
+
+class _LossyStream(trio.abc.Stream):
+    """A stream whose writes are late by ``MIN_RTO`` with the network's loss rate."""
+
+    def __init__(self, inner: trio.abc.Stream, net: SimNetwork) -> None:
+        self._inner = inner
+        self._net = net
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        while self._net.rng.random() < self._net.loss:
+            await trio.sleep(MIN_RTO)
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 class SimNetwork:
@@ -28,6 +57,7 @@ class SimNetwork:
         self.members: dict[str, SimTransport] = {}
         self.groups: dict[str, int] = {}  # addr -> partition group; absent = group 0
         self.killed: set[str] = set()
+        self.udp_blocked: set[str] = set()  # members whose UDP is dropped (a firewall); TCP works
         self.sent = 0
         self.bytes_sent = 0  # payload bytes posted (bench: bytes per second per node)
         self.delivered = 0
@@ -59,6 +89,8 @@ class SimNetwork:
         self.sent += 1
         self.bytes_sent += len(data)
         if not self.reachable(src, dst) or self.rng.random() < self.loss:
+            return
+        if src in self.udp_blocked or dst in self.udp_blocked:
             return
         self._seq += 1
         heapq.heappush(self._heap, (trio.current_time() + self.latency, self._seq, dst, data, src))
@@ -102,11 +134,15 @@ class SimTransport(Transport):
         peer = self.net.members.get(addr)
         if not self.net.reachable(self.addr, addr) or peer is None or peer._nursery is None:
             raise ConnectionRefusedError(f"{addr} unreachable")
+        while self.net.rng.random() < self.net.loss:
+            await trio.sleep(SYN_RTO)  # the SYN (or its SYN-ACK) was lost
         await trio.sleep(self.net.latency)
+        if not self.net.reachable(self.addr, addr):
+            raise ConnectionRefusedError(f"{addr} unreachable")
         client, server = trio.testing.memory_stream_pair()
         assert peer._handler is not None
-        peer._nursery.start_soon(peer._handler, server)
-        return client
+        peer._nursery.start_soon(peer._handler, _LossyStream(server, self.net))
+        return _LossyStream(client, self.net)
 
     async def serve(
         self,

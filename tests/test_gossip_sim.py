@@ -8,6 +8,7 @@ ones. The 1,000-member run is in tests/test_gossip_scale.py.
 from __future__ import annotations
 
 import math
+import struct
 
 import trio
 from conftest import trio_test
@@ -16,8 +17,9 @@ from simnet import SimNetwork
 
 from hostmesh import GossipConfig
 from hostmesh.catalog import Node
+from hostmesh.catalog._codec import decode, encode, frame, unframe
 from hostmesh.catalog._keyring import Keyring
-from hostmesh.catalog._messages import MemberStatus
+from hostmesh.catalog._messages import Ack, MemberStatus, Ping
 from hostmesh.catalog._suspicion import suspicion_timeout_bounds
 
 LAN = GossipConfig()
@@ -30,6 +32,15 @@ async def wait_for(predicate, within: float, step: float = 0.1) -> float:  # typ
         while not predicate():
             await trio.sleep(step)
     return trio.current_time() - start
+
+
+def join_bound(n: int) -> float:
+    """Virtual seconds for ``n`` new members to converge. Gossip usually does it in a
+    few seconds, but with memberlist's retransmit limit it misses a member in a few
+    percent of runs; push-pull repairs that within its interval, which memberlist
+    scales above 32 members (60 s for 40)."""
+    scale = 1 if n <= 32 else math.ceil(math.log2(n) - 5) + 1
+    return LAN.push_pull_interval * scale + 5
 
 
 def status_everywhere(members: list[SimMember], name: str, *statuses: MemberStatus) -> bool:
@@ -67,7 +78,7 @@ async def test_a_killed_member_is_dead_everywhere_within_lifeguard_bounds() -> N
     async with trio.open_nursery() as nursery:
         nursery.start_soon(net.run)
         members = await start_cluster(nursery, net, n, LAN)
-        await wait_for(lambda: converged(members, n), 30)
+        await wait_for(lambda: converged(members, n), join_bound(n))
         victim = members[17]
         kill(net, victim)
         others = [m for m in members if m is not victim]
@@ -92,7 +103,7 @@ async def test_ten_percent_packet_loss_gives_no_false_deaths() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(net.run)
         members = await start_cluster(nursery, net, n, LAN)
-        await wait_for(lambda: converged(members, n), 30)
+        await wait_for(lambda: converged(members, n), join_bound(n))
         net.loss = 0.10
         await trio.sleep(120)  # two simulated minutes of 10% loss
         dead = {
@@ -102,9 +113,32 @@ async def test_ten_percent_packet_loss_gives_no_false_deaths() -> None:
             if other.status in (MemberStatus.DEAD, MemberStatus.LEFT)
         }
         assert dead == set()
-        # Suspicions happened and were refuted: Lifeguard at work, not luck.
-        assert sum(m.swim.stats.get("refutations", 0) for m in members) > 0
+        # Probes that lost UDP both ways and through the indirect pings were
+        # carried by the TCP fallback: memberlist's defence at work, not luck.
+        assert sum(m.swim.stats.get("tcp_fallback_acks", 0) for m in members) > 0
         assert converged(members, n)
+        nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=300, mock_clock=True)
+async def test_a_member_whose_udp_is_blocked_stays_alive_through_tcp_pings() -> None:
+    # memberlist's TCP fallback probe: UDP dropped by a firewall (or lossy) must not
+    # make a reachable member look dead. Without the fallback it is suspected within
+    # a probe round and dead after the suspicion timeout (under 40 s here).
+    n = 6
+    net = SimNetwork(latency=0.002, seed=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = await start_cluster(nursery, net, n, LAN)
+        await wait_for(lambda: converged(members, n), join_bound(n))
+        blocked = members[2]
+        net.udp_blocked.add(blocked.addr)
+        await trio.sleep(60)
+        assert status_everywhere(members, blocked.name, MemberStatus.ALIVE)
+        assert all(blocked.status_of(o.name) is MemberStatus.ALIVE
+                   for o in members if o is not blocked)  # fmt: skip
+        assert sum(m.swim.stats.get("tcp_fallback_acks", 0) for m in members) > 0
+        assert sum(m.swim.stats.get("status_dead", 0) for m in members) == 0
         nursery.cancel_scope.cancel()
 
 
@@ -116,7 +150,7 @@ async def test_a_partition_heals_and_the_cluster_reconverges() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(net.run)
         members = await start_cluster(nursery, net, n, cfg)
-        await wait_for(lambda: converged(members, n), 30)
+        await wait_for(lambda: converged(members, n), join_bound(n))
         left, right = members[:7], members[7:]
         net.partition({m.addr for m in left}, {m.addr for m in right})
         # Each side declares the other dead.
@@ -135,7 +169,7 @@ async def test_a_restarted_member_supersedes_its_old_record() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(net.run)
         members = await start_cluster(nursery, net, n, LAN)
-        await wait_for(lambda: converged(members, n), 30)
+        await wait_for(lambda: converged(members, n), join_bound(n))
         old = members[4]
         old.update_record()
         old.update_record()  # version 3 of generation 1
@@ -165,7 +199,7 @@ async def test_a_left_member_is_not_resurrected_by_a_stale_push_pull() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(net.run)
         members = await start_cluster(nursery, net, n, cfg)
-        await wait_for(lambda: converged(members, n), 30)
+        await wait_for(lambda: converged(members, n), join_bound(n))
         leaver, isolated = members[5], members[6]
         rest = [m for m in members if m not in (leaver, isolated)]
         # The isolated member misses the leave entirely.
@@ -286,3 +320,29 @@ def test_a_dead_name_is_reclaimed_at_a_new_address_only_after_the_reclaim_time()
     swim.receive(encode(Alive(1, "n1", "10.0.0.9:7946")), "10.0.0.9:7946", 40.0)
     assert swim.members["n1"].addr == "10.0.0.9:7946"
     assert swim.members["n1"].status is MemberStatus.ALIVE
+
+
+@trio_test(timeout=60, mock_clock=True)
+async def test_a_tcp_ping_is_answered_only_for_its_own_member() -> None:
+    net = SimNetwork(latency=0.002, seed=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = await start_cluster(nursery, net, 2, LAN)
+        target = members[0]
+        prober = net.transport("10.9.9.9:7946")
+
+        async def ask(ping: Ping) -> bytes:
+            stream = await prober.connect(target.addr)
+            data = frame(encode(ping))
+            await stream.send_all(struct.pack("!I", len(data)) + data)
+            got = b""
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+            return got
+
+        answer = await ask(Ping(77, target.name, "prober", "10.9.9.9:7946"))
+        assert decode(unframe(answer[4:])) == Ack(77)
+        # Addressed to another name: no answer, the stream is closed, and it is counted.
+        assert await ask(Ping(78, "someone-else", "prober", "10.9.9.9:7946")) == b""
+        assert target.swim.stats.get("dropped_wrong_target", 0) == 1
+        nursery.cancel_scope.cancel()
