@@ -14,11 +14,10 @@ When a deadline passes, the timer marks it fired and wakes the task blocked
 on the deadline's socket with :func:`trio.lowlevel.notify_closing` (or, for a
 connection driven by the proxy's :class:`~._loop.Loop`, with
 :meth:`~._loop.Loop.interrupt`); that wait raises :class:`DeadlineExceeded`
-(:meth:`Deadline.wait`). Every
-phase that times out ends with that socket discarded or answered and closed
-(a 408 to the client, an upstream connection thrown away after a 504), so
-waking it as if it were closing is safe. A task that is not blocked finds
-``fired`` set at its next wait.
+(:meth:`Deadline.wait`). Every phase that times out ends with that socket
+discarded or answered and closed (a 408 to the client, an upstream connection
+thrown away after a 504), so waking it as if it were closing is safe. A task
+that is not blocked finds ``fired`` set at its next wait.
 """
 
 from __future__ import annotations
@@ -149,12 +148,11 @@ class Timer:
             d._armed = math.inf
             if d.at <= now:
                 d.fired = True
-                if d.waiting is None:
-                    pass
-                elif d.loop is not None:
-                    d.loop.interrupt(d.waiting)
-                else:
-                    trio.lowlevel.notify_closing(d.waiting)
+                if d.waiting is not None:
+                    if d.loop is not None:
+                        d.loop.interrupt(d.waiting)
+                    else:
+                        trio.lowlevel.notify_closing(d.waiting)
             elif d.at < math.inf:
                 self._arm(d, d.at)
 

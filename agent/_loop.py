@@ -145,16 +145,12 @@ class Loop:
         poll = self._ep.poll
         try:
             while True:
-                slept = False
-                if not self._ready:
-                    events = poll(0, MAX_EVENTS)
-                    if not events:
-                        with trio.CancelScope() as self._sleep:
-                            await trio.lowlevel.wait_readable(self._ep.fileno())
-                        self._sleep = None
-                        slept = True
-                        events = poll(0, MAX_EVENTS)
-                else:
+                events = poll(0, MAX_EVENTS)
+                slept = not events and not self._ready
+                if slept:  # nothing to do: wait in Trio for the epoll fd (or a wake-up)
+                    with trio.CancelScope() as self._sleep:
+                        await trio.lowlevel.wait_readable(self._ep.fileno())
+                    self._sleep = None
                     events = poll(0, MAX_EVENTS)
                 self._dispatch(events)
                 # One batch of at most BATCH_TIME: what becomes ready meanwhile (a

@@ -5,8 +5,8 @@ data is already waiting; the proxy instead calls ``recv``/``send`` on a
 non-blocking socket and only parks (:func:`~._loop.wait_socket`: in the
 proxy's own loop, or in Trio) when the kernel has nothing (the same trick that
 lets the DNS server keep up with dnsmasq). Loops that may never block call
-:func:`~._loop.checkpoint` every few iterations so one busy stream cannot starve the others or dodge
-a timeout.
+:func:`~._loop.checkpoint` every few iterations so one busy stream cannot
+starve the others or dodge a timeout.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+from proxy import publish
 
 NAME = "udvr.svc.mesh"
 FLOOR_LABEL = "bare CPython loop"
@@ -198,11 +199,7 @@ def main() -> int:
         f"catalog changes during the churn run: {change_rate:.1f}/s",
         f"hostmesh agent RSS after the runs: {rss:.1f} MiB",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    publish("\n".join(lines), args.out)
     return 0
 
 

@@ -54,7 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proxy import (
     NGINX_BACKEND,
     NGINX_COMMON,
-    NOISE_LIMIT,
     SERVICE,
     WARMUP,
     PacedResult,
@@ -62,12 +61,16 @@ from proxy import (
     WrkResult,
     first_line,
     machine_busy,
+    noise_line,
     our_cpu,
     paced,
+    paced_rows,
+    publish,
     sigterm_as_exit,
     tree_cpu,
     wait_ready,
     wrk,
+    wrk_errors,
 )
 
 NODES = {"a": "127.0.0.2", "b": "127.0.0.3"}  # node -> address; all of 127/8 is loopback
@@ -552,13 +555,8 @@ def main() -> int:
         "paced load: 1000 rps open loop to each target at the same time (sends interleaved),"
         " 8 keep-alive connections each;",
         "bench/proxy.py's client; latency = send to last response byte",
-        f"{'target':<24}{'sent':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'late':>6}{'errors':>8}",
+        *paced_rows(paced_results),
     ]
-    for label, p in paced_results.items():
-        lines.append(
-            f"{label:<24}{p.sent:>8}{p.p50_ms:>9.3f}{p.p99_ms:>9.3f}{p.max_ms:>9.3f}"
-            f"{p.late:>6}{p.errors:>8}"
-        )
     base = paced_results[DIRECT]
     for label in (HOSTMESH, NGINX):
         p = paced_results[label]
@@ -580,25 +578,12 @@ def main() -> int:
         lines.append(f"  {name:<26}{size / 1e6:>6.1f} MB ({size / 2**20:.1f} MiB){goal}")
     lines += [
         "",
-        f"CPU used by other processes during the run: {other:.1f} core-s; stolen by the"
-        f" hypervisor: {steal:.1f} core-s"
-        + (
-            "  (NOISY: the numbers above shared the machine)"
-            if max(other, steal) > NOISE_LIMIT
-            else ""
-        ),
+        noise_line(other, steal),
     ]
-    errors = {label: r for label, r in results.items() if r.errors}
-    if errors or any(p.errors for p in paced_results.values()):
-        lines += ["", "ERRORS seen:"]
-        for label, r in errors.items():
-            lines += [f"--- wrk {label}:", r.output.rstrip()]
-        lines += [logs]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    errors = wrk_errors(results, paced_results)
+    if errors:
+        lines += [*errors, logs]
+    publish("\n".join(lines), args.out)
     return 0
 
 

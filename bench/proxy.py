@@ -433,6 +433,43 @@ def first_line(argv: list[str]) -> str:
     return (out.stdout or out.stderr).strip().splitlines()[0]
 
 
+def paced_rows(results: dict[str, PacedResult]) -> list[str]:
+    """The paced runs as a table: a header and a row per target."""
+    lines = [f"{'target':<24}{'sent':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'late':>6}"
+             f"{'errors':>8}"]  # fmt: skip
+    lines += [f"{label:<24}{p.sent:>8}{p.p50_ms:>9.3f}{p.p99_ms:>9.3f}{p.max_ms:>9.3f}"
+              f"{p.late:>6}{p.errors:>8}" for label, p in results.items()]  # fmt: skip
+    return lines
+
+
+def noise_line(other: float, steal: float) -> str:
+    """Other processes' and the hypervisor's CPU during the run, flagged when it is a lot."""
+    line = (f"CPU used by other processes during the run: {other:.1f} core-s; stolen by the"
+            f" hypervisor: {steal:.1f} core-s")  # fmt: skip
+    if max(other, steal) > NOISE_LIMIT:
+        line += "  (NOISY: the numbers above shared the machine)"
+    return line
+
+
+def wrk_errors(results: dict[str, WrkResult], paced_results: dict[str, PacedResult]) -> list[str]:
+    """An "ERRORS seen" section with the failing wrk reports; [] when nothing failed."""
+    failed = {label: r for label, r in results.items() if r.errors}
+    if not failed and not any(p.errors for p in paced_results.values()):
+        return []
+    lines = ["", "ERRORS seen:"]
+    for label, r in failed.items():
+        lines += [f"--- wrk {label}:", r.output.rstrip()]
+    return lines
+
+
+def publish(report: str, out: Path | None) -> None:
+    """Print the report, and write it to ``out`` when given."""
+    print(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per wrk / paced run")
@@ -563,13 +600,8 @@ def main() -> int:
         f"sending every {PACED_CONNECTIONS * 1000 // PACED_RATE} ms, {args.seconds:g} s"
         f" (first {PACED_SKIP:g} s not counted); one-thread Python client (selectors);",
         "latency = send to last response byte (from the due time if the connection was busy)",
-        f"{'target':<24}{'sent':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'late':>6}{'errors':>8}",
+        *paced_rows(paced_results),
     ]
-    for label, p in paced_results.items():
-        lines.append(
-            f"{label:<24}{p.sent:>8}{p.p50_ms:>9.3f}{p.p99_ms:>9.3f}{p.max_ms:>9.3f}"
-            f"{p.late:>6}{p.errors:>8}"
-        )
     lines += [
         f"added by hostmesh: p50 {through.p50_ms - direct.p50_ms:+.3f} ms, p99 {added:+.3f} ms"
         f"   (goal p99 < {GOAL_ADDED_P99_MS:g} ms: {verdict(added < GOAL_ADDED_P99_MS)})",
@@ -577,25 +609,12 @@ def main() -> int:
         f"hostmesh agent RSS after the load: {rss_mb:.1f} MB ({rss / 2**20:.1f} MiB)"
         f"   (goal < {GOAL_RSS_MB:g} MB: {verdict(rss_mb < GOAL_RSS_MB)})",
         "",
-        f"CPU used by other processes during the run: {other:.1f} core-s; stolen by the"
-        f" hypervisor: {steal:.1f} core-s"
-        + (
-            "  (NOISY: the numbers above shared the machine)"
-            if max(other, steal) > NOISE_LIMIT
-            else ""
-        ),
+        noise_line(other, steal),
     ]
-    errors = {label: r for label, r in results.items() if r.errors}
-    if errors or any(p.errors for p in paced_results.values()):
-        lines += ["", "ERRORS seen:"]
-        for label, r in errors.items():
-            lines += [f"--- wrk {label}:", r.output.rstrip()]
-        lines += ["--- hostmesh agent log (tail):", agent_log or "(empty)"]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+    errors = wrk_errors(results, paced_results)
+    if errors:
+        lines += [*errors, "--- hostmesh agent log (tail):", agent_log or "(empty)"]
+    publish("\n".join(lines), args.out)
     return 0
 
 

@@ -366,7 +366,7 @@ class GossipNode:
                 try:
                     request = self._decode_stream(await _receive_frame(stream))
                     if isinstance(request, Ping):  # a TCP fallback probe
-                        ack = self.swim.answer_tcp_ping(request)
+                        ack = self.swim.answer_ping(request)
                         if ack is not None:
                             await _send_frame(stream, self._seal(encode(ack)))
                         return

@@ -313,10 +313,8 @@ class Swim:
 
     def _handle(self, msg: Message, from_addr: str, now: float) -> list[Output]:
         if isinstance(msg, Ping):
-            if msg.target != self.name:
-                self._count("dropped_wrong_target")
-                return []
-            return [Send(from_addr, self._packet([Ack(msg.seq)]))]
+            ack = self.answer_ping(msg)
+            return [] if ack is None else [Send(from_addr, self._packet([ack]))]
         if isinstance(msg, IndirectPing):
             seq = self._next_seq()
             self._relays[seq] = _Relay(
@@ -354,9 +352,7 @@ class Swim:
         return []
 
     def _on_ack(self, seq: int, now: float) -> list[Output]:
-        probe = self._probe
-        if probe is not None and probe.seq == seq and not probe.acked:
-            probe.acked = True
+        if self._ack_probe(seq):
             self.awareness.apply_delta(-1)
             return []
         relay = self._relays.pop(seq, None)
@@ -364,15 +360,21 @@ class Swim:
             return [Send(relay.origin_addr, encode(Ack(relay.origin_seq)))]
         return []
 
+    def _ack_probe(self, seq: int) -> bool:
+        """Mark the running probe answered if ``seq`` is its ping; True if it was."""
+        probe = self._probe
+        if probe is None or probe.seq != seq or probe.acked:
+            return False
+        probe.acked = True
+        return True
+
     def tcp_acked(self, seq: int, now: float) -> None:
         """The target of probe ``seq`` answered our TCP ping: the probe succeeded."""
-        probe = self._probe
-        if probe is not None and probe.seq == seq and not probe.acked:
-            probe.acked = True
+        if self._ack_probe(seq):
             self._count("tcp_fallback_acks")  # UDP failed where TCP got through
 
-    def answer_tcp_ping(self, msg: Ping) -> Ack | None:
-        """The answer to a ping that came over a stream (None: not addressed to us)."""
+    def answer_ping(self, msg: Ping) -> Ack | None:
+        """The answer to a ping, over UDP or a stream (None: not addressed to us)."""
         if msg.target != self.name:
             self._count("dropped_wrong_target")
             return None
