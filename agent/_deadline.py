@@ -26,6 +26,7 @@ import heapq
 import itertools
 import math
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -70,7 +71,11 @@ class Deadline:
 
     def after(self, seconds: float) -> None:
         """Start a phase that must end ``seconds`` from now (0 or less: none)."""
-        self.set(trio.current_time() + seconds if seconds > 0 else math.inf)
+        at = self._timer.now() + seconds if seconds > 0 else math.inf
+        self.at = at
+        self.fired = False
+        if at < self._armed:
+            self._timer._arm(self, at)
 
     def clear(self) -> None:
         """No deadline until the next :meth:`set`."""
@@ -108,6 +113,9 @@ class Timer:
     """Fires the deadlines of one proxy; :meth:`run` is its task (never returns)."""
 
     def __init__(self) -> None:
+        #: ``trio.current_time``; once :meth:`run` started, the run's clock's own
+        #: method (one call instead of three: deadlines read it per request phase).
+        self.now: Callable[[], float] = trio.current_time
         self._heap: list[tuple[float, int, int, Deadline]] = []
         self._seq = itertools.count()  # tie-break: deadlines are not ordered
         self._wake_at = math.inf  # when the run task will look at the heap next
@@ -157,8 +165,9 @@ class Timer:
                 self._arm(d, d.at)
 
     async def run(self) -> None:
+        self.now = trio.lowlevel.current_clock().current_time
         while True:
-            self.fire_due(trio.current_time())
+            self.fire_due(self.now())
             self._wake_at = self._heap[0][0] if self._heap else math.inf
             with trio.CancelScope(deadline=self._wake_at) as self._sleep:
                 await trio.sleep_forever()

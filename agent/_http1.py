@@ -15,7 +15,6 @@ Content-Length/Transfer-Encoding and unknown transfer codings are refused.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 __all__ = [
     "HOP_BY_HOP",
@@ -72,6 +71,10 @@ _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) (HTTP/1
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_NO_TOKENS: frozenset[bytes] = frozenset()
+# Where fields start in a head's lowercase copy (see Head).
+_TE = b"\r\ntransfer-encoding:"
+_CL = b"\r\ncontent-length:"
 
 
 class HttpError(Exception):
@@ -87,40 +90,98 @@ class HttpError(Exception):
         self.detail = detail or reason
 
 
-@dataclass(slots=True)
 class Head:
-    """A parsed request or response head.
+    """A parsed request or response head, kept as its bytes.
 
-    ``lines`` are the original field lines (no CRLF) parallel to ``fields``,
-    so a proxy forwards the ones it keeps without re-encoding them.
+    ``raw`` is the whole head (start line to blank line) and ``low`` its
+    lowercase copy. A field section that passed validation has a CRLF before
+    every field line and none inside one, so ``b"\\r\\n" + name + b":"`` in
+    ``low`` finds exactly the lines of field ``name``: lookups, framing and
+    dropping hop-by-hop fields are byte searches, with no per-field objects.
+    ``fields`` (``(lowercase name, value)`` pairs) and ``lines`` (the
+    original field lines, no CRLF) are built on first use.
     """
 
-    start: bytes  # the request or status line
-    method: bytes  # request only (b"" for responses)
-    target: bytes  # request only
-    version: bytes  # b"HTTP/1.1" or b"HTTP/1.0"
-    status: int  # response only (0 for requests)
-    fields: list[tuple[bytes, bytes]]  # (lowercase name, value)
-    lines: list[bytes]
-    framing: tuple[str, int] | None = None  # body_framing()'s answer, once a caller asked
+    __slots__ = ("_fields", "_lines", "framing", "line_end", "low", "method", "raw", "status",
+                 "target", "version")  # fmt: skip
+
+    def __init__(self, raw: bytes, line_end: int, method: bytes, target: bytes, version: bytes,
+                 status: int) -> None:  # fmt: skip
+        self.raw = raw
+        self.low = raw.lower()
+        self.line_end = line_end  # index of the CRLF that ends the start line
+        self.method = method  # request only (b"" for responses)
+        self.target = target  # request only
+        self.version = version  # b"HTTP/1.1" or b"HTTP/1.0"
+        self.status = status  # response only (0 for requests)
+        self.framing: tuple[str, int] | None = None  # body_framing()'s answer, once asked
+        self._fields: list[tuple[bytes, bytes]] | None = None
+        self._lines: list[bytes] | None = None
+
+    @property
+    def start(self) -> bytes:
+        """The request or status line."""
+        return self.raw[: self.line_end]
+
+    @property
+    def section(self) -> bytes:
+        """The field lines, each after a CRLF (``b""`` when there is none)."""
+        return self.raw[self.line_end : -4] if len(self.raw) > self.line_end + 4 else b""
+
+    @property
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """``(lowercase name, value)`` per field line, in order."""
+        if self._fields is None:
+            self._fields = [
+                (name.lower(), value.rstrip(b" \t"))
+                for name, value in _FIELD.findall(self.raw, self.line_end + 2, len(self.raw) - 2)
+            ]
+        return self._fields
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The original field lines (no CRLF), parallel to :attr:`fields`."""
+        if self._lines is None:
+            section = self.section
+            self._lines = section[2:].split(b"\r\n") if section else []
+        return self._lines
+
+    def has(self, name: bytes) -> bool:
+        """Is there a field ``name`` (lowercase)?"""
+        return b"\r\n" + name + b":" in self.low
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of field ``name`` (lowercase), or None."""
-        for k, v in self.fields:
-            if k == name:
-                return v
-        return None
+        key = b"\r\n" + name + b":"
+        i = self.low.find(key)
+        if i < 0:
+            return None
+        i += len(key)
+        return self.raw[i : self.low.find(b"\r\n", i)].strip(b" \t")
 
     def get_all(self, name: bytes) -> list[bytes]:
-        return [v for k, v in self.fields if k == name]
+        """Every value of field ``name`` (lowercase), in order."""
+        return self._values(name, self.raw)
 
-    def connection_tokens(self) -> set[bytes]:
-        """Lowercase tokens of every Connection field."""
-        out: set[bytes] = set()
-        for k, v in self.fields:
-            if k == b"connection":
-                out.update(t.strip().lower() for t in v.split(b","))
+    def _values(self, name: bytes, source: bytes) -> list[bytes]:
+        key = b"\r\n" + name + b":"
+        low = self.low
+        out = []
+        i = low.find(key)
+        while i >= 0:
+            i += len(key)
+            end = low.find(b"\r\n", i)
+            out.append(source[i:end].strip(b" \t"))
+            i = low.find(key, end)
         return out
+
+    def connection_tokens(self) -> frozenset[bytes]:
+        """Lowercase tokens of every Connection field."""
+        if b"\r\nconnection:" not in self.low:
+            return _NO_TOKENS
+        return frozenset(
+            t.strip(b" \t") for v in self._values(b"connection", self.low) for t in v.split(b",")
+        )
 
 
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
@@ -129,14 +190,16 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
     return -1 if i < 0 else i + 4
 
 
-def _fields(block: bytes) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-    """Split the field section (each line ending in CRLF) into pairs and raw lines."""
-    if _FIELDS.fullmatch(block) is None:
+def _check_fields(head: bytes, line_end: int) -> None:
+    """Validate the field section of ``head`` (its lines, after the start line).
+
+    Raises:
+        HttpError: 400 invalid field line (name, value, folding), 431 too many.
+    """
+    if _FIELDS.fullmatch(head, line_end + 2, len(head) - 2) is None:
         raise HttpError(400, "bad-header", "invalid header field (name, value or line folding)")
-    pairs = [(name.lower(), value.rstrip(b" \t")) for name, value in _FIELD.findall(block)]
-    if len(pairs) > MAX_HEADERS:
+    if head.count(b"\r\n", line_end + 2, len(head) - 2) > MAX_HEADERS:
         raise HttpError(431, "headers-too-large", f"more than {MAX_HEADERS} header fields")
-    return pairs, block[:-2].split(b"\r\n") if block else []
 
 
 def parse_request_head(head: bytes) -> Head:
@@ -150,13 +213,12 @@ def parse_request_head(head: bytes) -> Head:
         raise HttpError(414, "uri-too-long", "request line too long")
     if len(head) > MAX_HEAD_BYTES:
         raise HttpError(431, "headers-too-large", "request header section too large")
-    start = head[:line_end]
-    m = _REQUEST_LINE.fullmatch(start)
+    m = _REQUEST_LINE.fullmatch(head, 0, line_end)
     if m is None:
         raise HttpError(400, "bad-request-line", "malformed request line")
-    fields, lines = _fields(head[line_end + 2 : -2])
+    _check_fields(head, line_end)
     method, target, version = m.groups()
-    return Head(start, method, target, version, 0, fields, lines)
+    return Head(head, line_end, method, target, version, 0)
 
 
 def parse_response_head(head: bytes) -> Head:
@@ -168,16 +230,15 @@ def parse_response_head(head: bytes) -> Head:
     if len(head) > MAX_HEAD_BYTES:
         raise HttpError(502, "bad-upstream-response", "upstream header section too large")
     line_end = head.find(b"\r\n")
-    start = head[:line_end]
-    m = _STATUS_LINE.fullmatch(start)
+    m = _STATUS_LINE.fullmatch(head, 0, line_end)
     if m is None:
         raise HttpError(502, "bad-upstream-response", "malformed upstream status line")
     try:
-        fields, lines = _fields(head[line_end + 2 : -2])
+        _check_fields(head, line_end)
     except HttpError as exc:
         raise HttpError(502, "bad-upstream-response", f"upstream: {exc.detail}") from None
     version, status = m.groups()
-    return Head(start, b"", b"", version, int(status), fields, lines)
+    return Head(head, line_end, b"", b"", version, int(status))
 
 
 #: Body framing: ("length", n), ("chunked", 0), ("close", 0) (response only), ("none", 0)
@@ -202,13 +263,19 @@ def body_framing(head: Head, *, status_error: int = 400) -> Framing:
 
 
 def _body_framing(head: Head, status_error: int) -> Framing:
-    te: list[bytes] = []
-    cl: list[bytes] = []
-    for k, v in head.fields:
-        if k == b"transfer-encoding":
-            te.append(v)
-        elif k == b"content-length":
-            cl.append(v)
+    low = head.low
+    if _TE not in low:
+        at = low.find(_CL)
+        if at < 0:
+            return ("none", 0)
+        at += len(_CL)
+        end = low.find(b"\r\n", at)
+        if low.find(_CL, end) < 0:  # one Content-Length field (the usual message)
+            value = low[at:end].strip(b" \t")
+            if _DIGITS.fullmatch(value) is not None:
+                return ("length", int(value))
+    te = head.get_all(b"transfer-encoding")
+    cl = head.get_all(b"content-length")
     if te:
         if cl:
             raise HttpError(

@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["Loop", "checkpoint", "to_trio", "wait_socket"]
+__all__ = ["Loop", "checkpoint", "quiet", "to_trio", "wait_socket"]
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -81,6 +81,16 @@ async def to_trio() -> None:
     """From here on, run in a Trio task of our own (no-op if already in Trio)."""
     if _driving is not None:
         await _trap((_ESCAPE,))
+
+
+def quiet(sock: socket.socket) -> bool:
+    """Has the loop driving us registered ``sock`` and seen no read, error or hang-up
+    event on it since its last wait? (As of its last poll; False outside a loop.)"""
+    loop = _driving
+    if loop is None:
+        return False
+    fd = sock.fileno()
+    return loop._registered.get(fd) is sock and not loop._bits.get(fd, 0) & (_IN | _ANY)
 
 
 def driving() -> Loop | None:

@@ -35,6 +35,7 @@ from hostmesh._pki import NodeIdentity, RevocationList
 from hostmesh._tls import check_peer, client_context, peer_certificate, server_context
 
 from ._deadline import Deadline, DeadlineExceeded
+from ._loop import quiet
 from ._pool import RECV_SIZE, Stream, connect
 
 if TYPE_CHECKING:
@@ -165,11 +166,14 @@ class TlsStream(Stream):
                 continue
             view = view[sent:]
 
-    def looks_alive(self) -> bool:
+    def looks_alive(self, *, peek: bool = True) -> bool:
         """Idle and nothing on the wire: any byte on an idle TLS connection is a
-        close_notify or an alert, so the connection is not reused."""
+        close_notify or an alert, so the connection is not reused (``peek``: as
+        :meth:`Stream.looks_alive`)."""
         if self.buf or self.eof or self._unwrapped or self.sock.pending():
             return False
+        if not peek and quiet(self.sock):
+            return True
         try:
             socket.socket.recv(self.sock, 1, socket.MSG_PEEK)
         except BlockingIOError:

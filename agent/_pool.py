@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from ._deadline import Deadline
-from ._loop import wait_socket
+from ._loop import quiet, wait_socket
 
 __all__ = ["CHECKPOINT_EVERY", "RECV_SIZE", "ConnectError", "Pool", "Stream", "connect"]
 
@@ -125,10 +125,18 @@ class Stream:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
 
-    def looks_alive(self) -> bool:
-        """An idle pooled socket the peer has not closed and sent nothing on."""
+    def looks_alive(self, *, peek: bool = True) -> bool:
+        """An idle pooled socket the peer has not closed and sent nothing on.
+
+        ``peek=False`` believes the proxy loop when it saw no event on the
+        socket since its last wait (as of its last poll: a close in the
+        meantime shows as EOF on the request, which the caller retries on a
+        new connection); else, and outside the loop, the kernel is asked.
+        """
         if self.buf or self.eof:
             return False
+        if not peek and quiet(self.sock):
+            return True
         try:
             self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -195,12 +203,12 @@ class Pool:
     def open_count(self, key: tuple[str, int]) -> int:
         return self._open.get(key, 0)
 
-    def take_idle(self, key: tuple[str, int], now: float) -> Stream | None:
-        """A live idle connection to ``key``, or None."""
+    def take_idle(self, key: tuple[str, int], now: float, *, peek: bool = True) -> Stream | None:
+        """A live idle connection to ``key``, or None (``peek``: see :meth:`Stream.looks_alive`)."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < self.idle_timeout and conn.looks_alive():
+            if now - conn.idle_since < self.idle_timeout and conn.looks_alive(peek=peek):
                 conn.reused = True
                 return conn
             self.discard(conn)

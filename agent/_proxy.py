@@ -27,7 +27,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -99,6 +99,53 @@ EXPECT_CONTINUE_WAIT = 1.0
 #: ``Connection: close``.
 DRAIN_IDLE_GRACE = 1.0
 _TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def _drop_pattern(names: Iterable[bytes], *extra: bytes) -> re.Pattern[bytes]:
+    """Matches the field lines named ``names`` (or an ``extra`` pattern) in a
+    :attr:`~._http1.Head.section`, each with the CRLF before it."""
+    alternatives = [re.escape(n) for n in sorted(names)] + list(extra)
+    return re.compile(rb"\r\n(?:" + b"|".join(alternatives) + rb"):[^\r]*+", re.IGNORECASE)
+
+
+#: What a request head loses on its way upstream: hop-by-hop and mesh fields
+#: (and, in absolute form, Host); a response head: hop-by-hop fields.
+_REQUEST_DROP = _drop_pattern(HOP_BY_HOP, re.escape(_MESH_PREFIX) + rb"[^:]*+")
+_REQUEST_DROP_ABSOLUTE = _drop_pattern(HOP_BY_HOP | {b"host"}, re.escape(_MESH_PREFIX) + rb"[^:]*+")
+_RESPONSE_DROP = _drop_pattern(HOP_BY_HOP)
+_XFF = b"\r\nx-forwarded-for:"
+_TRACE = b"\r\ntraceparent:"
+
+
+def _names_absent(head: Head, tokens: frozenset[bytes]) -> bool:
+    """Does no field named by ``tokens`` (Connection's) exist beyond the hop-by-hop ones?"""
+    return all(t in HOP_BY_HOP or not head.has(t) for t in tokens)
+
+
+def _one_valid_trace(req: Head) -> bool:
+    values = req.get_all(b"traceparent")
+    return len(values) == 1 and _TRACEPARENT.fullmatch(values[0]) is not None
+
+
+def _fields_of(head: Head) -> Iterator[tuple[bytes, bytes]]:
+    """``head.fields``, parsed only if a route reads them (one with header matches)."""
+    yield from head.fields
+
+
+def _new_traceparent() -> bytes:
+    """A ``traceparent`` field line (with the CRLF before it) starting a new trace."""
+    rand = os.urandom(24).hex().encode()
+    return b"\r\ntraceparent: 00-" + rand[:32] + b"-" + rand[32:] + b"-01"
+
+
+def _head_tail(req: Head, *, chunked: bool, upgrade: bool) -> bytes:
+    """The framing and upgrade fields the proxy sets, and the blank line."""
+    if not chunked and not upgrade:
+        return b"\r\n\r\n"
+    tail = b"\r\nTransfer-Encoding: chunked" if chunked else b""
+    if upgrade:
+        tail += b"\r\nConnection: Upgrade\r\nUpgrade: " + (req.get(b"upgrade") or b"")
+    return tail + b"\r\n\r\n"
 
 
 def error_response(status: int, reason: str, detail: str, *, close: bool) -> bytes:
@@ -289,7 +336,7 @@ class Proxy:
             return
         self.draining = True
         self._accepting.cancel()
-        close_at = trio.current_time() + DRAIN_IDLE_GRACE
+        close_at = self.timer.now() + DRAIN_IDLE_GRACE
         for dl in list(self._idle):
             if dl.at > close_at:
                 dl.set(close_at)  # an idle connection that times out closes quietly
@@ -433,11 +480,49 @@ class Proxy:
 
     def _upstream_head(self, req: Head, path: bytes, peer: str, *, chunked: bool,
                        upgrade: bool) -> bytes:  # fmt: skip
-        """The request head sent upstream: original lines, hop-by-hop removed."""
-        drop = HOP_BY_HOP
-        tokens = req.connection_tokens() if req.get(b"connection") is not None else None
-        if tokens:
-            drop = drop | tokens
+        """The request head sent upstream: the original field lines minus hop-by-hop
+        and mesh fields, plus ``X-Forwarded-For`` and ``traceparent``.
+
+        The usual head is edited as bytes (:data:`_REQUEST_DROP`); one whose
+        Connection names other fields present, or with several
+        ``X-Forwarded-For`` fields, or a ``traceparent`` that is not one valid
+        field goes through :meth:`_upstream_head_lines`, which gives the same
+        bytes for the usual head line by line.
+        """
+        low = req.low
+        tokens = req.connection_tokens()
+        if (
+            (tokens and not _names_absent(req, tokens))
+            or low.count(_XFF) > 1
+            or (_TRACE in low and not _one_valid_trace(req))
+        ):
+            return self._upstream_head_lines(req, path, peer, chunked=chunked, upgrade=upgrade)
+        origin = req.target[:1] == b"/"
+        raw = req.raw
+        base = req.line_end
+        at = low.find(_XFF)
+        if at >= 0:  # the peer is appended to it
+            end = low.find(b"\r\n", at + len(_XFF))
+            value = raw[at + len(_XFF) : end].strip(b" \t")
+            section = (raw[base:at] + b"\r\nX-Forwarded-For: " + (value + b", " if value else b"")
+                       + peer.encode() + raw[end:-4])  # fmt: skip
+        else:
+            section = raw[base:-4]
+        out = [req.method, b" ", path, b" ", req.version,
+               (_REQUEST_DROP if origin else _REQUEST_DROP_ABSOLUTE).sub(b"", section)]  # fmt: skip
+        if not origin:  # absolute form: Host comes from the URI (RFC 9112 §3.2.2)
+            out.append(b"\r\nHost: " + req.target[7:].split(b"/", 1)[0])
+        if at < 0:
+            out.append(b"\r\nX-Forwarded-For: " + peer.encode())
+        if _TRACE not in low:
+            out.append(_new_traceparent())
+        out.append(_head_tail(req, chunked=chunked, upgrade=upgrade))
+        return b"".join(out)
+
+    def _upstream_head_lines(self, req: Head, path: bytes, peer: str, *, chunked: bool,
+                             upgrade: bool) -> bytes:  # fmt: skip
+        """:meth:`_upstream_head`, built line by line (any head)."""
+        drop = HOP_BY_HOP | req.connection_tokens()
         lines = [req.method + b" " + path + b" " + req.version]
         xff: tuple[int, bytes] | None = None  # (index, value) of the last X-Forwarded-For
         trace = False
@@ -460,15 +545,10 @@ class Proxy:
         else:
             at, value = xff
             lines[at] = b"X-Forwarded-For: " + (value + b", " if value else b"") + peer.encode()
+        head = b"\r\n".join(lines)
         if not trace:
-            rand = os.urandom(24).hex().encode()
-            lines.append(b"traceparent: 00-" + rand[:32] + b"-" + rand[32:] + b"-01")
-        if chunked:
-            lines.append(b"Transfer-Encoding: chunked")
-        if upgrade:
-            lines.append(b"Connection: Upgrade")
-            lines.append(b"Upgrade: " + (req.get(b"upgrade") or b""))
-        return b"\r\n".join(lines) + b"\r\n\r\n"
+            head += _new_traceparent()
+        return head + _head_tail(req, chunked=chunked, upgrade=upgrade)
 
     def _route(self, req: Head, service: bytes, path: bytes, conn: Conn,
                now: float) -> tuple[RouteLike, bytes]:  # fmt: skip
@@ -480,7 +560,7 @@ class Proxy:
         """
         name = service.decode("ascii", "replace")
         state = self.router.route(name, req.method.decode("ascii"), path.decode("latin-1"),
-                                  req.fields, now)  # fmt: skip
+                                  _fields_of(req), now)  # fmt: skip
         if self.mesh is None:
             return state, b""
         source = conn.identity
@@ -594,7 +674,7 @@ class Proxy:
             req.method.decode("ascii"), body_replayable=True
         )
         start = self._clock()
-        deadline = trio.current_time() + route.timeout if route.timeout > 0 else math.inf
+        deadline = self.timer.now() + route.timeout if route.timeout > 0 else math.inf
         tried: set[str] = set()
         retries = 0
         state.deposit(start)
@@ -603,7 +683,7 @@ class Proxy:
             tried.add(endpoint.uid)
             try_deadline = deadline
             if route.per_try_timeout > 0:
-                try_deadline = min(deadline, trio.current_time() + route.per_try_timeout)
+                try_deadline = min(deadline, self.timer.now() + route.per_try_timeout)
             t0 = self._clock()
             dl.set(try_deadline)
             try:
@@ -615,7 +695,7 @@ class Proxy:
                     raise _Attempt(504, "timeout", "upstream timed out", connected=True) from None
             except _Attempt as failure:
                 state.finish(endpoint, False, self._clock() - t0, self._clock())
-                timed_out_total = trio.current_time() >= deadline
+                timed_out_total = self.timer.now() >= deadline
                 can_retry = (
                     not timed_out_total
                     and retries < policy.max
@@ -646,7 +726,7 @@ class Proxy:
                 status in policy.retry_statuses
                 and replayable
                 and retries < policy.max
-                and trio.current_time() < deadline
+                and self.timer.now() < deadline
             ):
                 if state.withdraw(self._clock()):
                     retries += 1
@@ -684,7 +764,7 @@ class Proxy:
                     + service + b"\r\nhostmesh-instance: " + endpoint.id.encode()
                     + b"\r\n\r\n")  # fmt: skip
         for fresh in (False, True):
-            upstream = None if fresh else self.pool.take_idle(key, self._clock())
+            upstream = None if fresh else self.pool.take_idle(key, self._clock(), peek=body is None)
             if upstream is not None and via_hop and _peer_node(upstream) != endpoint.node:
                 self.pool.discard(upstream)  # that address is another node's now
                 upstream = None
@@ -742,7 +822,7 @@ class Proxy:
             DeadlineExceeded: ``dl`` passed first.
         """
         try_deadline = dl.at
-        dl.set(min(try_deadline, trio.current_time() + self.config.connect_timeout))
+        dl.set(min(try_deadline, self.timer.now() + self.config.connect_timeout))
         try:
             if via_hop:
                 upstream = await self._connect_hop(dl, endpoint)
@@ -752,7 +832,7 @@ class Proxy:
             raise _Attempt(502, "connect-failed", f"connect to {endpoint.id} failed: "
                            f"{exc.strerror or exc}", connected=False) from None  # fmt: skip
         except DeadlineExceeded:
-            if trio.current_time() >= try_deadline:
+            if self.timer.now() >= try_deadline:
                 raise
             raise _Attempt(502, "connect-failed", f"connect to {endpoint.id} timed out",
                            connected=False) from None  # fmt: skip
@@ -911,25 +991,28 @@ class Proxy:
         write of the body may stall up to ``idle_timeout``.
         """
         framing, length = response_framing(resp, req.method)
-        tokens = resp.connection_tokens() if resp.get(b"connection") is not None else set()
+        tokens = resp.connection_tokens()
         upstream_close = b"close" in tokens or resp.version == b"HTTP/1.0" or framing == "close"
         switching = upgrade and resp.status == 101
         close = client_close or framing == "close" or self.draining
-        drop = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP
-        lines = [resp.start]
-        lines += [line for (name, _), line in zip(resp.fields, resp.lines, strict=True)
-                  if name not in drop]  # fmt: skip
+        if not tokens or _names_absent(resp, tokens):
+            section = _RESPONSE_DROP.sub(b"", resp.section)
+        else:
+            drop = HOP_BY_HOP | tokens
+            section = b"".join([b"\r\n" + line for (name, _), line
+                                in zip(resp.fields, resp.lines, strict=True)
+                                if name not in drop])  # fmt: skip
+        out = resp.start + section
         if switching:
-            lines.append(b"Connection: Upgrade")
-            lines.append(b"Upgrade: " + (resp.get(b"upgrade") or b""))
+            out += b"\r\nConnection: Upgrade\r\nUpgrade: " + (resp.get(b"upgrade") or b"")
         elif framing == "chunked":
-            lines.append(b"Transfer-Encoding: chunked")
+            out += b"\r\nTransfer-Encoding: chunked"
         if close and not switching:
-            lines.append(b"Connection: close")
+            out += b"\r\nConnection: close"
         if exhausted:  # a retryable status we could not retry: say why it is passed on
-            lines.append(b"hostmesh-error: retry-budget-exhausted")
+            out += b"\r\nhostmesh-error: retry-budget-exhausted"
             self._refuse("retry-budget-exhausted")
-        out = b"\r\n".join(lines) + b"\r\n\r\n"
+        out += b"\r\n\r\n"
         stall = self.config.idle_timeout
         dl.after(stall)
         if framing == "length" and 0 < length <= len(upstream.buf):

@@ -24,7 +24,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hostmesh._metrics import Registry
+from hostmesh._metrics import CounterChild, Registry
 from hostmesh._routes import (
     DEFAULT_POLICY,
     DEFAULT_ROUTE,
@@ -39,7 +39,7 @@ from hostmesh.catalog import Catalog, Health
 from hostmesh.catalog._model import DEFAULT_INBOUND_PORT, EXTERNAL_META, INBOUND_PORT_META
 from hostmesh.catalog._query import InstanceView, service_instances
 
-from ._balancer import EndpointStats, StatsTable, pick
+from ._balancer import StatsTable, pick
 from ._http1 import HttpError
 from ._resilience import (
     ConcurrencyLimit,
@@ -90,6 +90,15 @@ class _Subset:
     healthy: tuple[Endpoint, ...]
     all: tuple[Endpoint, ...]
     plan: ZonePlan | None  # None in panic: every instance, any zone
+    by_zone: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)  # healthy, per AZ
+
+    @staticmethod
+    def of(healthy: tuple[Endpoint, ...], members: tuple[Endpoint, ...],
+           plan: ZonePlan | None) -> _Subset:  # fmt: skip
+        by_zone: dict[str, tuple[Endpoint, ...]] = {}
+        for e in healthy:
+            by_zone[e.az] = (*by_zone.get(e.az, ()), e)
+        return _Subset(healthy, members, plan, by_zone)
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,7 @@ def build_snapshot(
             )
             if plan is not None and plan.mode.name == "PANIC":
                 plan = None
-            subsets[target] = _Subset(healthy, members, plan)
+            subsets[target] = _Subset.of(healthy, members, plan)
         services[name] = ServiceSnapshot(name, policy, endpoints, subsets)
     return RoutingSnapshot(services, local_az, version)
 
@@ -187,6 +196,28 @@ def _unhealthy(e: Endpoint) -> Endpoint:
     from dataclasses import replace
 
     return replace(e, healthy=False)
+
+
+class _RouteSeries:
+    """One route's metric series, looked up once (label lookups cost per request)."""
+
+    __slots__ = ("_family", "_labels", "latency", "requests", "responses", "retries")
+
+    def __init__(self, metrics: TrafficMetrics, service: str, route: str) -> None:
+        self.requests = metrics.requests.labels(service, route)
+        self.retries = metrics.retries.labels(service, route)
+        self.latency = metrics.latency.labels(service)
+        self._family = metrics.responses
+        self._labels = (service, route)
+        # by status // 100 (a status line has three digits: 1 to 9)
+        self.responses: list[CounterChild | None] = [None] * 10
+
+    def response(self, status: int) -> CounterChild:
+        cls = status // 100
+        child = self.responses[cls]
+        if child is None:
+            child = self.responses[cls] = self._family.labels(*self._labels, f"{cls}xx")
+        return child
 
 
 class _ServiceRuntime:
@@ -199,6 +230,8 @@ class _ServiceRuntime:
         self.budget = RetryBudget()
         self.bucket = TokenBucket(policy.rate_limit, policy.burst) if policy.rate_limit else None
         self.limit = ConcurrencyLimit(policy.max_concurrent)
+        self.series: dict[str, _RouteSeries] = {}  # by route name
+        self.instance_requests: dict[str, CounterChild] = {}  # by instance uid
 
     def update(self, policy: TrafficPolicy, endpoints: Iterable[Endpoint]) -> None:
         if policy != self.policy:
@@ -211,6 +244,7 @@ class _ServiceRuntime:
         ids = [e.uid for e in endpoints]
         self.stats.retain(ids)
         self.outlier.set_instances(ids)
+        self.instance_requests.clear()  # children stay in the registry; this is a cache
 
 
 def _outlier_config(policy: TrafficPolicy) -> OutlierConfig:
@@ -301,7 +335,8 @@ class Router:
         if svc is None:
             raise HttpError(502, "unknown-service", f"no service named {service!r}")
         route = next((r for r in svc.policy.routes if r.match == RouteMatch()), DEFAULT_ROUTE)
-        return RouteState(self, svc, self._runtime[service], route)
+        rt = self._runtime[service]
+        return RouteState(self, svc, rt, route, _RouteSeries(self.metrics, service, route.name))
 
     def route(
         self,
@@ -325,21 +360,26 @@ class Router:
         )  # fmt: skip
         if route is None:
             raise HttpError(404, "no-route", f"no route of {service!r} matches the request")
-        self.metrics.requests.labels(service, route.name).inc()
-        return RouteState(self, svc, self._runtime[service], route)
+        rt = self._runtime[service]
+        series = rt.series.get(route.name)
+        if series is None:
+            series = rt.series[route.name] = _RouteSeries(self.metrics, service, route.name)
+        series.requests.inc()
+        return RouteState(self, svc, rt, route, series)
 
 
 class RouteState:
     """One request's routing: limits, instance picks, outcomes, retry budget."""
 
-    __slots__ = ("_admitted", "_router", "_rt", "route", "svc")
+    __slots__ = ("_admitted", "_router", "_rt", "_series", "route", "svc")
 
     def __init__(self, router: Router, svc: ServiceSnapshot, rt: _ServiceRuntime,
-                 route: Route) -> None:  # fmt: skip
+                 route: Route, series: _RouteSeries) -> None:  # fmt: skip
         self._router = router
         self.svc = svc
         self._rt = rt
         self.route = route
+        self._series = series
         self._admitted = False
 
     def admit(self, now: float) -> None:
@@ -368,7 +408,7 @@ class RouteState:
     def withdraw(self, now: float) -> bool:
         """Take a retry from the budget; counts the retry or the exhaustion."""
         if self._rt.budget.try_withdraw(now):
-            self._router.metrics.retries.labels(self.svc.name, self.route.name).inc()
+            self._series.retries.inc()
             return True
         self._router.metrics.budget_exhausted.labels(self.svc.name).inc()
         return False
@@ -383,45 +423,68 @@ class RouteState:
         rt = self._rt
         rng = self._router.rng
         outlier = rt.outlier
+        subsets = svc.subsets
+        targets = self.route.targets
+        r = rng.random()
+        if len(targets) == 1:  # no split: the one target, if it has an instance
+            target: Target | None = targets[0]
+            subset = subsets.get(targets[0]) if targets[0].weight else None
+            if subset is None or not (subset.healthy or subset.all):
+                target = None
+        else:
 
-        def usable(target: Target) -> bool:
-            subset = svc.subsets.get(target)
-            return subset is not None and bool(subset.healthy or subset.all)
+            def usable(target: Target) -> bool:
+                subset = subsets.get(target)
+                return subset is not None and bool(subset.healthy or subset.all)
 
-        target = pick_target_among(self.route, rng.random(), usable)
+            target = pick_target_among(self.route, r, usable)
         if target is None:
             raise HttpError(503, "no-healthy-instance", f"{svc.name} has no healthy instance")
-        subset = svc.subsets[target]
+        subset = subsets[target]
         plan = subset.plan
-        candidates = subset.healthy if plan is not None else subset.all
-        if plan is not None:
+        if plan is None:
+            candidates = subset.all
+        else:
+            candidates = subset.healthy
             zone = plan.pick_zone(rng.random())
             if zone is not None:
-                local = [e for e in candidates if e.az == zone]
-                if local:
-                    candidates = tuple(local)
-        fresh = [e for e in candidates if e.uid not in tried and not outlier.is_ejected(e.uid, now)]
-        if not fresh:
-            fresh = [e for e in subset.healthy or subset.all
-                     if not outlier.is_ejected(e.uid, now)] or list(candidates)  # fmt: skip
+                candidates = subset.by_zone.get(zone) or candidates
+        if tried or outlier.any_ejected(now):
+            fresh = [e for e in candidates
+                     if e.uid not in tried and not outlier.is_ejected(e.uid, now)]  # fmt: skip
+            if not fresh:
+                fresh = [e for e in subset.healthy or subset.all
+                         if not outlier.is_ejected(e.uid, now)] or list(candidates)  # fmt: skip
+        else:
+            fresh = candidates  # type: ignore[assignment]
         stats = rt.stats
-        chosen = pick(fresh, lambda e: stats.get(e.uid), lambda e: e.weight or 1.0, rng, now)
+        if len(fresh) == 1:
+            chosen = fresh[0]
+        else:
+            chosen = pick(fresh, lambda e: stats.get(e.uid), lambda e: e.weight or 1.0, rng, now)
         stats.get(chosen.uid).start(now)
-        self._router.metrics.instance_requests.labels(svc.name, chosen.node, chosen.id).inc()
+        counter = rt.instance_requests.get(chosen.uid)
+        if counter is None:
+            counter = rt.instance_requests[chosen.uid] = (
+                self._router.metrics.instance_requests.labels(svc.name, chosen.node, chosen.id)
+            )
+        counter.inc()
         return chosen
 
     def finish(self, endpoint: Endpoint, ok: bool, latency: float, now: float) -> None:
         """Feed one attempt's outcome to the balancer and the outlier detector."""
-        stats: EndpointStats = self._rt.stats.get(endpoint.uid)
-        stats.finish(now, latency, ok)
-        if not ok:
-            self._router.metrics.instance_failures.labels(self.svc.name, endpoint.node,
-                                                        endpoint.id).inc()  # fmt: skip
-        ejection = self._rt.outlier.record(endpoint.uid, ok, now)
+        rt = self._rt
+        rt.stats.get(endpoint.uid).finish(now, latency, ok)
+        if ok:
+            rt.outlier.record(endpoint.uid, True, now)
+            return
+        self._router.metrics.instance_failures.labels(self.svc.name, endpoint.node,
+                                                    endpoint.id).inc()  # fmt: skip
+        ejection = rt.outlier.record(endpoint.uid, ok, now)
         if ejection is not None:
             self._router.metrics.ejections.labels(self.svc.name, endpoint.node, endpoint.id).inc()
 
     def count_response(self, status: int, duration: float) -> None:
-        m = self._router.metrics
-        m.responses.labels(self.svc.name, self.route.name, f"{status // 100}xx").inc()
-        m.latency.labels(self.svc.name).observe(duration)
+        series = self._series
+        series.response(status).inc()
+        series.latency.observe(duration)
