@@ -30,7 +30,8 @@ from collections.abc import Callable
 
 import trio
 
-from ._loop import Loop, driving, wait_socket
+from . import _loop
+from ._loop import Loop, wait_socket
 
 __all__ = ["Deadline", "DeadlineExceeded", "Timer"]
 
@@ -98,9 +99,12 @@ class Deadline:
         if self.fired:
             raise DeadlineExceeded
         self.waiting = sock
-        self.loop = driving()
+        self.loop = loop = _loop.driving()
         try:
-            await wait_socket(sock, writable=writable)
+            if loop is not None:  # wait_socket's first branch, one call less per wait
+                await _loop.trap_wait(sock, writable)
+            else:
+                await wait_socket(sock, writable=writable)
         except trio.ClosedResourceError:
             if self.fired:
                 raise DeadlineExceeded from None

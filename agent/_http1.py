@@ -27,6 +27,7 @@ __all__ = [
     "HttpError",
     "body_framing",
     "find_head_end",
+    "framing_from_fields",
     "parse_request_head",
     "parse_response_head",
     "response_framing",
@@ -70,8 +71,21 @@ _FIELDS = re.compile(rb"(?:" + _TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n)*+")
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])")
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+# A whole head in one match (each regex call has a fixed cost of a few thousand
+# instructions): start line, field lines, blank line. Only when it fails are
+# the parts matched one by one, to name the fault.
+_REQUEST_HEAD = re.compile(_REQUEST_LINE.pattern + rb"\r\n" + _FIELDS.pattern + rb"\r\n")
+_RESPONSE_HEAD = re.compile(_STATUS_LINE.pattern + rb"\r\n" + _FIELDS.pattern + rb"\r\n")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _NO_TOKENS: frozenset[bytes] = frozenset()
+#: Connection values as almost every message sends them, to their token sets.
+_COMMON_TOKENS = {t: frozenset({t}) for t in (b"keep-alive", b"close", b"upgrade")}
+_CONNECTION = b"\r\nconnection:"
+_NONE: tuple[str, int] = ("none", 0)
+# Shortest head with more than MAX_HEADERS fields ("a:" and CRLF each): shorter
+# ones need no count. (Note: ``bytes in bytes`` costs twice ``find`` in CPython
+# 3.11, which tries the needle as an int first; hot paths use ``find``.)
+_MIN_TOO_MANY = 4 * (MAX_HEADERS + 1)
 # Where fields start in a head's lowercase copy (see Head).
 _TE = b"\r\ntransfer-encoding:"
 _CL = b"\r\ncontent-length:"
@@ -138,6 +152,10 @@ class Head:
             ]
         return self._fields
 
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        """:attr:`fields`, as a call (for code that reads them only sometimes)."""
+        return self.fields
+
     @property
     def lines(self) -> list[bytes]:
         """The original field lines (no CRLF), parallel to :attr:`fields`."""
@@ -148,7 +166,7 @@ class Head:
 
     def has(self, name: bytes) -> bool:
         """Is there a field ``name`` (lowercase)?"""
-        return b"\r\n" + name + b":" in self.low
+        return self.low.find(b"\r\n" + name + b":") >= 0
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of field ``name`` (lowercase), or None."""
@@ -177,8 +195,16 @@ class Head:
 
     def connection_tokens(self) -> frozenset[bytes]:
         """Lowercase tokens of every Connection field."""
-        if b"\r\nconnection:" not in self.low:
+        low = self.low
+        at = low.find(_CONNECTION)
+        if at < 0:
             return _NO_TOKENS
+        at += len(_CONNECTION)
+        end = low.find(b"\r\n", at)
+        if low.find(_CONNECTION, end) < 0:  # one Connection field: usually one common token
+            tokens = _COMMON_TOKENS.get(low[at:end].strip(b" \t"))
+            if tokens is not None:
+                return tokens
         return frozenset(
             t.strip(b" \t") for v in self._values(b"connection", self.low) for t in v.split(b",")
         )
@@ -213,11 +239,16 @@ def parse_request_head(head: bytes) -> Head:
         raise HttpError(414, "uri-too-long", "request line too long")
     if len(head) > MAX_HEAD_BYTES:
         raise HttpError(431, "headers-too-large", "request header section too large")
-    m = _REQUEST_LINE.fullmatch(head, 0, line_end)
-    if m is None:
-        raise HttpError(400, "bad-request-line", "malformed request line")
-    _check_fields(head, line_end)
-    method, target, version = m.groups()
+    m = _REQUEST_HEAD.fullmatch(head)
+    if m is not None:
+        if len(head) > _MIN_TOO_MANY and head.count(b"\r\n", line_end + 2) - 1 > MAX_HEADERS:
+            raise HttpError(431, "headers-too-large", f"more than {MAX_HEADERS} header fields")
+    else:
+        m = _REQUEST_LINE.fullmatch(head, 0, line_end)
+        if m is None:
+            raise HttpError(400, "bad-request-line", "malformed request line")
+        _check_fields(head, line_end)
+    method, target, version = m.group(1, 2, 3)
     return Head(head, line_end, method, target, version, 0)
 
 
@@ -230,14 +261,18 @@ def parse_response_head(head: bytes) -> Head:
     if len(head) > MAX_HEAD_BYTES:
         raise HttpError(502, "bad-upstream-response", "upstream header section too large")
     line_end = head.find(b"\r\n")
-    m = _STATUS_LINE.fullmatch(head, 0, line_end)
-    if m is None:
-        raise HttpError(502, "bad-upstream-response", "malformed upstream status line")
-    try:
-        _check_fields(head, line_end)
-    except HttpError as exc:
-        raise HttpError(502, "bad-upstream-response", f"upstream: {exc.detail}") from None
-    version, status = m.groups()
+    m = _RESPONSE_HEAD.fullmatch(head)
+    if m is None or (
+        len(head) > _MIN_TOO_MANY and head.count(b"\r\n", line_end + 2) - 1 > MAX_HEADERS
+    ):
+        m = _STATUS_LINE.fullmatch(head, 0, line_end)
+        if m is None:
+            raise HttpError(502, "bad-upstream-response", "malformed upstream status line")
+        try:
+            _check_fields(head, line_end)
+        except HttpError as exc:
+            raise HttpError(502, "bad-upstream-response", f"upstream: {exc.detail}") from None
+    version, status = m.group(1, 2)
     return Head(head, line_end, b"", b"", version, int(status))
 
 
@@ -256,24 +291,30 @@ def body_framing(head: Head, *, status_error: int = 400) -> Framing:
         HttpError: with ``status_error`` (400 for requests, 502 for responses),
         or 501 for a request with an unsupported transfer coding.
     """
-    if head.framing is not None:
-        return head.framing
-    head.framing = _body_framing(head, status_error)
-    return head.framing
+    framing = head.framing
+    if framing is None:
+        framing = head.framing = _body_framing(head, status_error)
+    return framing
 
 
 def _body_framing(head: Head, status_error: int) -> Framing:
     low = head.low
-    if _TE not in low:
+    if low.find(_TE) < 0:
         at = low.find(_CL)
         if at < 0:
-            return ("none", 0)
+            return _NONE
         at += len(_CL)
         end = low.find(b"\r\n", at)
-        if low.find(_CL, end) < 0:  # one Content-Length field (the usual message)
-            value = low[at:end].strip(b" \t")
-            if _DIGITS.fullmatch(value) is not None:
-                return ("length", int(value))
+        value = low[at:end].strip(b" \t")
+        # one Content-Length field of plain digits (bytes.isdigit: ASCII only), the usual
+        if value.isdigit() and len(value) <= 18 and low.find(_CL, end) < 0:
+            return ("length", int(value))
+    return framing_from_fields(head, status_error)
+
+
+def framing_from_fields(head: Head, status_error: int = 400) -> Framing:
+    """:func:`body_framing` from every Transfer-Encoding and Content-Length value: the
+    general case, and the reference its shortcut for the usual message is tested against."""
     te = head.get_all(b"transfer-encoding")
     cl = head.get_all(b"content-length")
     if te:
@@ -304,8 +345,8 @@ def response_framing(head: Head, request_method: bytes) -> Framing:
     """Framing of a response to ``request_method`` (RFC 9112 §6.3 rules 1-7)."""
     status = head.status
     if request_method == b"HEAD" or status < 200 or status in (204, 304):
-        return ("none", 0)
-    framing = body_framing(head, status_error=502)
+        return _NONE
+    framing = head.framing or body_framing(head, status_error=502)
     if framing[0] == "none":
         return ("close", 0)  # read until the upstream closes
     return framing

@@ -55,13 +55,14 @@ class Stream:
         Raises:
             DeadlineExceeded: ``dl`` passed while waiting.
         """
+        sock = self.sock
         if wait_first:
-            await self._wait(dl)
+            await (wait_socket(sock) if dl is None else dl.wait(sock))
         while True:
             try:
-                data = self.sock.recv(RECV_SIZE)
+                data = sock.recv(RECV_SIZE)
             except BlockingIOError:
-                await self._wait(dl)
+                await (wait_socket(sock) if dl is None else dl.wait(sock))
                 continue
             if not data:
                 self.eof = True

@@ -27,7 +27,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -51,7 +51,7 @@ from ._http1 import (
 )
 from ._loop import Loop, checkpoint, to_trio
 from ._pool import CHECKPOINT_EVERY, ConnectError, Pool, Stream, connect
-from ._resilience import REPLAY_BUFFER, may_retry
+from ._resilience import IDEMPOTENT_METHODS, REPLAY_BUFFER
 from ._routing import Endpoint, Router
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from ._intentions import Intentions
     from ._mtls import MeshTls
 
-__all__ = ["Proxy", "ProxyStats", "RouteLike", "error_response"]
+__all__ = ["Proxy", "ProxyStats", "RouteLike", "error_response", "kept_lines", "response_fields"]
 
 _log = get_logger(__name__)
 
@@ -98,6 +98,10 @@ EXPECT_CONTINUE_WAIT = 1.0
 #: would see as a failure. Requests arriving meanwhile are answered, with
 #: ``Connection: close``.
 DRAIN_IDLE_GRACE = 1.0
+#: Distinct Host values whose service name is remembered (a client sending
+#: random ones only fills it once).
+_HOSTS_CACHED = 4096
+_IDEMPOTENT = frozenset(m.encode() for m in IDEMPOTENT_METHODS)
 _TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -117,6 +121,21 @@ _XFF = b"\r\nx-forwarded-for:"
 _TRACE = b"\r\ntraceparent:"
 
 
+def response_fields(resp: Head, tokens: frozenset[bytes]) -> bytes:
+    """The field lines of ``resp`` a client gets (each after a CRLF): all but the
+    hop-by-hop ones and those its Connection fields (``tokens``) name."""
+    if not tokens or _names_absent(resp, tokens):
+        return _RESPONSE_DROP.sub(b"", resp.section)
+    return kept_lines(resp, HOP_BY_HOP | tokens)
+
+
+def kept_lines(head: Head, drop: frozenset[bytes]) -> bytes:
+    """The field lines of ``head`` whose names are not in ``drop``, each after a CRLF
+    (line by line: the reference the byte-level edits are tested against)."""
+    return b"".join([b"\r\n" + line for (name, _), line in zip(head.fields, head.lines, strict=True)
+                     if name not in drop])  # fmt: skip
+
+
 def _names_absent(head: Head, tokens: frozenset[bytes]) -> bool:
     """Does no field named by ``tokens`` (Connection's) exist beyond the hop-by-hop ones?"""
     return all(t in HOP_BY_HOP or not head.has(t) for t in tokens)
@@ -125,11 +144,6 @@ def _names_absent(head: Head, tokens: frozenset[bytes]) -> bool:
 def _one_valid_trace(req: Head) -> bool:
     values = req.get_all(b"traceparent")
     return len(values) == 1 and _TRACEPARENT.fullmatch(values[0]) is not None
-
-
-def _fields_of(head: Head) -> Iterator[tuple[bytes, bytes]]:
-    """``head.fields``, parsed only if a route reads them (one with header matches)."""
-    yield from head.fields
 
 
 def _new_traceparent() -> bytes:
@@ -235,6 +249,7 @@ class Proxy:
         self.config = config
         self.router = router
         self._suffix = f".svc.{domain}".encode()
+        self._hosts: dict[bytes, bytes] = {}  # Host value -> service name (bounded)
         self.stats = ProxyStats(refused={})
         self.pool = Pool(
             max_idle=config.pool_max_idle,
@@ -448,10 +463,11 @@ class Proxy:
                         raise HttpError(400, "incomplete-request", "connection closed mid-head")
                     return None
                 wait_first = False
-                if idle:
+                if idle:  # the first bytes of a request: the header timeout starts
                     idle = False
                     self._idle.discard(dl)
-                    dl.after(cfg.header_timeout)
+                    if client.buf.find(b"\r\n\r\n") < 0:
+                        dl.after(cfg.header_timeout)
         except DeadlineExceeded:
             if idle and not client.buf:
                 return None  # an idle keep-alive connection: close quietly
@@ -466,7 +482,12 @@ class Proxy:
             host = req.get(b"host")
             if host is None:
                 raise HttpError(400, "missing-host", "no Host header")
-            return _service_from_host(host, self._suffix), target
+            service = self._hosts.get(host)
+            if service is None:
+                service = _service_from_host(host, self._suffix)
+                if len(self._hosts) < _HOSTS_CACHED:
+                    self._hosts[host] = service
+            return service, target
         if target[:7].lower() == b"http://":
             rest = target[7:]
             slash = rest.find(b"/")
@@ -491,16 +512,18 @@ class Proxy:
         """
         low = req.low
         tokens = req.connection_tokens()
+        xff = low.find(_XFF)
+        trace = low.find(_TRACE)
         if (
             (tokens and not _names_absent(req, tokens))
-            or low.count(_XFF) > 1
-            or (_TRACE in low and not _one_valid_trace(req))
+            or (xff >= 0 and low.find(_XFF, xff + 1) >= 0)
+            or (trace >= 0 and not _one_valid_trace(req))
         ):
             return self._upstream_head_lines(req, path, peer, chunked=chunked, upgrade=upgrade)
         origin = req.target[:1] == b"/"
         raw = req.raw
         base = req.line_end
-        at = low.find(_XFF)
+        at = xff
         if at >= 0:  # the peer is appended to it
             end = low.find(b"\r\n", at + len(_XFF))
             value = raw[at + len(_XFF) : end].strip(b" \t")
@@ -514,7 +537,7 @@ class Proxy:
             out.append(b"\r\nHost: " + req.target[7:].split(b"/", 1)[0])
         if at < 0:
             out.append(b"\r\nX-Forwarded-For: " + peer.encode())
-        if _TRACE not in low:
+        if trace < 0:
             out.append(_new_traceparent())
         out.append(_head_tail(req, chunked=chunked, upgrade=upgrade))
         return b"".join(out)
@@ -559,8 +582,7 @@ class Proxy:
             HttpError: no such service or route; 403 when intentions deny the caller.
         """
         name = service.decode("ascii", "replace")
-        state = self.router.route(name, req.method.decode("ascii"), path.decode("latin-1"),
-                                  _fields_of(req), now)  # fmt: skip
+        state = self.router.route(name, req.method, path, req.pairs, now)
         if self.mesh is None:
             return state, b""
         source = conn.identity
@@ -670,21 +692,19 @@ class Proxy:
         route = state.route
         policy = route.retries
         head = self._upstream_head(req, path, peer, chunked=framing == "chunked", upgrade=upgrade)
-        replayable = body is not None and may_retry(
-            req.method.decode("ascii"), body_replayable=True
-        )
-        start = self._clock()
+        replayable = body is not None and req.method in _IDEMPOTENT
+        clock = self._clock
+        start = t0 = clock()
         deadline = self.timer.now() + route.timeout if route.timeout > 0 else math.inf
         tried: set[str] = set()
         retries = 0
         state.deposit(start)
         while True:
-            endpoint = state.pick(tried, self._clock())
+            endpoint = state.pick(tried, t0)
             tried.add(endpoint.uid)
             try_deadline = deadline
             if route.per_try_timeout > 0:
                 try_deadline = min(deadline, self.timer.now() + route.per_try_timeout)
-            t0 = self._clock()
             dl.set(try_deadline)
             try:
                 try:
@@ -694,7 +714,8 @@ class Proxy:
                 except DeadlineExceeded:  # the attempt discarded its connection
                     raise _Attempt(504, "timeout", "upstream timed out", connected=True) from None
             except _Attempt as failure:
-                state.finish(endpoint, False, self._clock() - t0, self._clock())
+                now = clock()
+                state.finish(endpoint, False, now - t0, now)
                 timed_out_total = self.timer.now() >= deadline
                 can_retry = (
                     not timed_out_total
@@ -706,13 +727,14 @@ class Proxy:
                         or (failure.reason == "upstream-reset" and policy.retry_on_connection_error)
                     )
                 )
-                if can_retry and state.withdraw(self._clock()):
+                if can_retry and state.withdraw(now):
                     retries += 1
+                    t0 = clock()
                     continue
                 if can_retry:
                     failure.reason = "retry-budget-exhausted"
                     failure.detail = f"{failure.detail}; retry budget exhausted"
-                state.count_response(failure.status, self._clock() - start)
+                state.count_response(failure.status, now - start)
                 self._refuse(failure.reason)
                 keep = not client_close and body is not None
                 dl.after(self.config.header_timeout)
@@ -720,7 +742,8 @@ class Proxy:
                                                  close=not keep), dl)  # fmt: skip
                 return keep
             status = resp.status
-            state.finish(endpoint, status < 500, self._clock() - t0, self._clock())
+            now = clock()
+            state.finish(endpoint, status < 500, now - t0, now)
             exhausted = False
             if (
                 status in policy.retry_statuses
@@ -728,12 +751,13 @@ class Proxy:
                 and retries < policy.max
                 and self.timer.now() < deadline
             ):
-                if state.withdraw(self._clock()):
+                if state.withdraw(now):
                     retries += 1
                     self.pool.discard(upstream)  # its response body is not read
+                    t0 = clock()
                     continue
                 exhausted = True
-            return await self._respond(client, dl, upstream, req, resp, state, start,
+            return await self._respond(client, dl, upstream, req, resp, state, now - start,
                                        client_close=client_close, upgrade=upgrade,
                                        exhausted=exhausted)  # fmt: skip
 
@@ -755,7 +779,7 @@ class Proxy:
             _Attempt: connect failure, reset, or a malformed response.
             DeadlineExceeded: ``dl`` (the try's deadline) passed.
         """
-        via_hop = self._via_hop(endpoint)
+        via_hop = self.mesh is not None and self._via_hop(endpoint)
         key = endpoint.key
         if via_hop:
             key = endpoint.inbound
@@ -771,8 +795,12 @@ class Proxy:
             if upstream is None:
                 upstream = await self._connect(dl, endpoint, via_hop)
             try:
-                got = await self._send_and_read(client, dl, upstream, head, body, framing,
-                                                length, expect)  # fmt: skip
+                if body is not None and len(body) < 16384:  # the usual request: one write
+                    await upstream.send(head + body if body else head, dl)
+                    got = await self._read_response_head(upstream, dl, wait_first=True)
+                else:
+                    got = await self._send_and_read(client, dl, upstream, head, body, framing,
+                                                    length, expect)  # fmt: skip
             except HttpError as exc:
                 self.pool.discard(upstream)
                 if exc.status >= 500:
@@ -983,7 +1011,7 @@ class Proxy:
             await _copy_chunked(client, upstream, "request", dl)
 
     async def _respond(self, client: Stream, dl: Deadline, upstream: Stream, req: Head,
-                       resp: Head, state: RouteLike, start: float, *, client_close: bool,
+                       resp: Head, state: RouteLike, duration: float, *, client_close: bool,
                        upgrade: bool, exhausted: bool) -> bool:  # fmt: skip
         """Forward the response head and body; True if both sides stay open.
 
@@ -995,14 +1023,7 @@ class Proxy:
         upstream_close = b"close" in tokens or resp.version == b"HTTP/1.0" or framing == "close"
         switching = upgrade and resp.status == 101
         close = client_close or framing == "close" or self.draining
-        if not tokens or _names_absent(resp, tokens):
-            section = _RESPONSE_DROP.sub(b"", resp.section)
-        else:
-            drop = HOP_BY_HOP | tokens
-            section = b"".join([b"\r\n" + line for (name, _), line
-                                in zip(resp.fields, resp.lines, strict=True)
-                                if name not in drop])  # fmt: skip
-        out = resp.start + section
+        out = resp.start + response_fields(resp, tokens)
         if switching:
             out += b"\r\nConnection: Upgrade\r\nUpgrade: " + (resp.get(b"upgrade") or b"")
         elif framing == "chunked":
@@ -1020,7 +1041,7 @@ class Proxy:
             out += upstream.buf[:length]
             del upstream.buf[:length]
             length = 0
-        state.count_response(resp.status, self._clock() - start)
+        state.count_response(resp.status, duration)
         if switching:
             await client.send(out, dl)
             dl.clear()  # a tunnel lives as long as both ends want
@@ -1035,7 +1056,8 @@ class Proxy:
         try:
             await client.send(out, dl)
             if framing == "length":
-                await _copy_length(upstream, client, length, "response", dl, stall)
+                if length:
+                    await _copy_length(upstream, client, length, "response", dl, stall)
             elif framing == "chunked":
                 await _copy_chunked(upstream, client, "response", dl, stall)
             elif framing == "close":

@@ -21,7 +21,7 @@ Picking an instance for a request (:meth:`RouteState.pick`):
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from hostmesh._metrics import CounterChild, Registry
@@ -341,12 +341,12 @@ class Router:
     def route(
         self,
         service: str,
-        method: str,
-        path: str,
-        headers: Iterable[tuple[bytes, bytes]],
+        method: bytes,
+        path: bytes,
+        headers: Callable[[], Iterable[tuple[bytes, bytes]]],
         now: float,
     ) -> RouteState:
-        """The route a request takes.
+        """The route a request takes (``headers`` is called only if a route matches on them).
 
         Raises:
             HttpError: 502 unknown service, 404 no route matched.
@@ -354,10 +354,14 @@ class Router:
         svc = self.snapshot.services.get(service)
         if svc is None:
             raise HttpError(502, "unknown-service", f"no service named {service!r}")
-        route = match_route(
-            svc.policy.routes, method, path,
-            ((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
-        )  # fmt: skip
+        routes = svc.policy.routes
+        if not routes:
+            route: Route | None = DEFAULT_ROUTE
+        else:
+            route = match_route(
+                routes, method.decode("ascii", "replace"), path.decode("latin-1"),
+                ((k.decode("latin-1"), v.decode("latin-1")) for k, v in _call(headers)),
+            )  # fmt: skip
         if route is None:
             raise HttpError(404, "no-route", f"no route of {service!r} matches the request")
         rt = self._runtime[service]
@@ -366,6 +370,10 @@ class Router:
             series = rt.series[route.name] = _RouteSeries(self.metrics, service, route.name)
         series.requests.inc()
         return RouteState(self, svc, rt, route, series)
+
+
+def _call(fn: Callable[[], Iterable[tuple[bytes, bytes]]]) -> Iterator[tuple[bytes, bytes]]:
+    yield from fn()  # runs only when iterated: match_route reads headers for header matches
 
 
 class RouteState:
