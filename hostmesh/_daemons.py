@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
-from rich.console import Console
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from hostmesh.agent import AgentAddresses
     from hostmesh.server import Server
 
@@ -131,7 +132,10 @@ async def run_dev(
     from hostmesh.agent import Agent
     from hostmesh.server import Server
 
-    out = out or Console()
+    if out is None:
+        from rich.console import Console  # the dev command's output; not in the daemons
+
+        out = Console()
     if not 1 <= nodes <= 254 or not 1 <= azs <= 26:
         raise ConfigError("hostmesh dev", "--nodes/--azs", "use 1..254 nodes in 1..26 AZs")
     with tempfile.TemporaryDirectory(prefix="hostmesh-dev-") as tmp, stop_signals() as signals:

@@ -7,7 +7,6 @@ agent's HTTP API through httpx and prints a rich table for people or JSON
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import json
@@ -104,39 +103,6 @@ def _call(
     return response
 
 
-def _setup_logs(level: str, fmt: str) -> None:
-    from ._log import setup_logging
-
-    if fmt not in ("text", "json"):
-        fail(f"--log-format must be text or json, not {fmt!r}")
-    try:
-        setup_logging(level, "json" if fmt == "json" else "text")
-    except ValueError as exc:
-        fail(str(exc))
-
-
-def _run_daemon(make: Callable[[], Any]) -> None:
-    """Run a trio main until it ends, Ctrl-C or SIGTERM; errors are one line."""
-    import trio
-
-    try:
-        trio.run(make)
-    except KeyboardInterrupt:
-        err_console.print("stopped", highlight=False)
-    except BaseExceptionGroup as group:
-        # Trio nurseries wrap errors; show the first one we know as one line.
-        leaf = _first_leaf(group)
-        if isinstance(leaf, HostmeshError | OSError):
-            raise leaf from None
-        raise
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 # --- daemons -----------------------------------------------------------------------
 
 
@@ -149,13 +115,9 @@ def agent(
     log_format: LogFormatOpt = "text",
 ) -> None:
     """Run the agent (the per-host daemon)."""
-    from ._config import load_agent_config
-    from ._daemons import run_agent
+    from ._entry import run_agent_command
 
-    _setup_logs(log_level, log_format)
-    cfg = load_agent_config(config)
-    reload = (lambda: load_agent_config(config)) if config is not None else None
-    _run_daemon(lambda: run_agent(cfg, reload))
+    run_agent_command(config, log_level, log_format)
 
 
 @app.command()
@@ -167,12 +129,9 @@ def server(
     log_format: LogFormatOpt = "text",
 ) -> None:
     """Run a server."""
-    from ._config import load_server_config
-    from ._daemons import run_server
+    from ._entry import run_server_command
 
-    _setup_logs(log_level, log_format)
-    cfg = load_server_config(config)
-    _run_daemon(lambda: run_server(cfg))
+    run_server_command(config, log_level, log_format)
 
 
 @app.command()
@@ -197,6 +156,7 @@ def dev(
 ) -> None:
     """Run a server and an agent in one process on built-in defaults: try hostmesh."""
     from ._daemons import run_dev
+    from ._entry import _run_daemon, _setup_logs
 
     _setup_logs(log_level, log_format)
     _run_daemon(
@@ -1151,38 +1111,10 @@ def certs(
                 for r in out["server_roots"]])  # fmt: skip
 
 
-def _run_daemon_command(argv: list[str]) -> bool:
-    """Run ``hostmesh agent|server [-c FILE] [--log-level L] [--log-format F]``
-    without typer's argument conversion; False for anything else.
-
-    typer converts arguments through pydantic, which a daemon would then keep
-    resident for its whole life (about 10 MB of a ~55 MB agent). The options
-    are the typer commands' own, handed to the same functions; anything this
-    parser does not take whole (``--help``, a typo, a missing value) returns
-    False so that typer answers it as usual.
-    """
-    if not argv or argv[0] not in ("agent", "server"):
-        return False
-    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False, allow_abbrev=False)
-    parser.add_argument("-c", "--config", type=Path, default=None)
-    parser.add_argument("--log-level", default=None)
-    parser.add_argument("--log-format", default="text")
-    try:
-        ns, extra = parser.parse_known_args(argv[1:])
-    except argparse.ArgumentError:
-        return False
-    if extra:
-        return False
-    command = agent if argv[0] == "agent" else server
-    command(ns.config, ns.log_level or "info", ns.log_format)
-    return True
-
-
 def main() -> None:
     """Console-script entry point: a failure is one line and exit status 1."""
     try:
-        if not _run_daemon_command(sys.argv[1:]):
-            app()
+        app()
     except typer.Exit as exc:  # fail() outside typer's own handling (daemon commands)
         sys.exit(exc.exit_code)
     except HostmeshError as exc:

@@ -305,6 +305,17 @@ def test_daemons_take_their_options_like_the_other_commands(agent_files: Path) -
     assert len(done.stderr.strip().splitlines()) == 1
     done = run("server", "--log-level", "loud", "-c", str(agent_files / "missing.toml"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
+    # A daemon starts without the admin commands' libraries (typer, click, rich:
+    # about 4 MB it would keep resident).
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", HOSTMESH, "agent", "-c", str(agent_files / "x.toml")],
+        capture_output=True, text=True, cwd=agent_files, timeout=60,
+    )  # fmt: skip
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}  # fmt: skip
+    assert done.returncode == 1 and done.stderr.splitlines()[-1].startswith("error: ")
+    assert {"hostmesh._entry", "hostmesh._config", "trio"} <= imported  # real import lines
+    assert not imported & {"typer", "click", "rich", "hostmesh.cli"}
     # --opt=value forms start the agent too, and it does not carry typer's
     # argument conversion (pydantic, ~10 MB) for the rest of its life.
     proc = subprocess.Popen(

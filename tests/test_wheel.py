@@ -163,7 +163,7 @@ def test_wheel_installs_and_imports_every_module(tmp_path: Path) -> None:
     parser = configparser.ConfigParser()
     parser.read_string(zipfile.ZipFile(wheel).read(entry_points).decode())
     assert parser.has_section("console_scripts"), "no console_scripts in the wheel"
-    assert parser["console_scripts"].get("hostmesh") == "hostmesh.cli:main"
+    assert parser["console_scripts"].get("hostmesh") == "hostmesh._entry:main"
 
     # A fresh virtualenv with only the wheel installed ...
     venv = tmp_path / "venv"
@@ -188,7 +188,7 @@ def test_wheel_installs_and_imports_every_module(tmp_path: Path) -> None:
     # -I: no PYTHONPATH, no user site, no cwd on sys.path; cwd is not the repo.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     out = _run(
-        [python, "-I", "-c", _IMPORT_ALL, "hostmesh.cli:main"],
+        [python, "-I", "-c", _IMPORT_ALL, "hostmesh._entry:main"],
         timeout=STEP_TIMEOUT,
         cwd=tmp_path,
         env=env,
