@@ -138,6 +138,8 @@ def kept_lines(head: Head, drop: frozenset[bytes]) -> bytes:
 
 def _names_absent(head: Head, tokens: frozenset[bytes]) -> bool:
     """Does no field named by ``tokens`` (Connection's) exist beyond the hop-by-hop ones?"""
+    if tokens <= HOP_BY_HOP:  # keep-alive, upgrade: one set comparison
+        return True
     return all(t in HOP_BY_HOP or not head.has(t) for t in tokens)
 
 
