@@ -51,7 +51,7 @@ from ._http1 import (
 )
 from ._loop import Loop, checkpoint, to_trio
 from ._pool import CHECKPOINT_EVERY, ConnectError, Pool, Stream, connect
-from ._resilience import IDEMPOTENT_METHODS, REPLAY_BUFFER
+from ._resilience import REPLAY_BUFFER, may_retry
 from ._routing import Endpoint, Router
 
 if TYPE_CHECKING:
@@ -101,7 +101,6 @@ DRAIN_IDLE_GRACE = 1.0
 #: Distinct Host values whose service name is remembered (a client sending
 #: random ones only fills it once).
 _HOSTS_CACHED = 4096
-_IDEMPOTENT = frozenset(m.encode() for m in IDEMPOTENT_METHODS)
 _TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -694,7 +693,7 @@ class Proxy:
         route = state.route
         policy = route.retries
         head = self._upstream_head(req, path, peer, chunked=framing == "chunked", upgrade=upgrade)
-        replayable = body is not None and req.method in _IDEMPOTENT
+        replayable = body is not None and may_retry(req.method, body_replayable=True)
         clock = self._clock
         start = t0 = clock()
         deadline = self.timer.now() + route.timeout if route.timeout > 0 else math.inf

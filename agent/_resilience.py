@@ -55,6 +55,7 @@ __all__ = [
 #: TRACE; ``retryableIdempotent5XX`` adds PUT and DELETE. Methods are
 #: case-sensitive (RFC 9110 §9.1), so ``get`` is not GET.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_IDEMPOTENT_BYTES = frozenset(m.encode() for m in IDEMPOTENT_METHODS)
 
 #: bytes of request body the proxy keeps so that it can send the request again.
 #: Linkerd 2's proxy does the same and never retries a request whose body
@@ -81,7 +82,7 @@ def may_retry(method: str | bytes, *, body_replayable: bool) -> bool:
         :meth:`RetryBudget.try_withdraw`.
     """
     if isinstance(method, bytes):
-        method = method.decode("latin-1")
+        return body_replayable and method in _IDEMPOTENT_BYTES
     return body_replayable and method in IDEMPOTENT_METHODS
 
 
