@@ -30,8 +30,7 @@ from collections.abc import Callable
 
 import trio
 
-from . import _loop
-from ._loop import Loop, wait_socket
+from ._loop import Loop, driving, wait_socket
 
 __all__ = ["Deadline", "DeadlineExceeded", "Timer"]
 
@@ -72,11 +71,7 @@ class Deadline:
 
     def after(self, seconds: float) -> None:
         """Start a phase that must end ``seconds`` from now (0 or less: none)."""
-        at = self._timer.now() + seconds if seconds > 0 else math.inf
-        self.at = at
-        self.fired = False
-        if at < self._armed:
-            self._timer._arm(self, at)
+        self.set(self._timer.now() + seconds if seconds > 0 else math.inf)
 
     def clear(self) -> None:
         """No deadline until the next :meth:`set`."""
@@ -99,12 +94,9 @@ class Deadline:
         if self.fired:
             raise DeadlineExceeded
         self.waiting = sock
-        self.loop = loop = _loop.driving()
+        self.loop = driving()
         try:
-            if loop is not None:  # wait_socket's first branch, one call less per wait
-                await _loop.trap_wait(sock, writable)
-            else:
-                await wait_socket(sock, writable=writable)
+            await wait_socket(sock, writable=writable)
         except trio.ClosedResourceError:
             if self.fired:
                 raise DeadlineExceeded from None

@@ -55,12 +55,6 @@ def _trap(msg: tuple[Any, ...]) -> Generator[Any, Any, Any]:
     return (yield msg)
 
 
-@types.coroutine
-def trap_wait(sock: socket.socket, writable: bool) -> Generator[Any, Any, Any]:
-    """The loop's wait for ``sock`` (only while a loop drives us: see :func:`wait_socket`)."""
-    return (yield (_WAIT, sock, _OUT if writable else _IN))
-
-
 async def wait_socket(sock: socket.socket, *, writable: bool = False) -> None:
     """Wait until ``sock`` is readable (or writable): in the loop if it drives us, else in Trio.
 

@@ -467,8 +467,7 @@ class Proxy:
                 if idle:  # the first bytes of a request: the header timeout starts
                     idle = False
                     self._idle.discard(dl)
-                    if client.buf.find(b"\r\n\r\n") < 0:
-                        dl.after(cfg.header_timeout)
+                    dl.after(cfg.header_timeout)
         except DeadlineExceeded:
             if idle and not client.buf:
                 return None  # an idle keep-alive connection: close quietly
@@ -780,7 +779,7 @@ class Proxy:
             _Attempt: connect failure, reset, or a malformed response.
             DeadlineExceeded: ``dl`` (the try's deadline) passed.
         """
-        via_hop = self.mesh is not None and self._via_hop(endpoint)
+        via_hop = self._via_hop(endpoint)
         key = endpoint.key
         if via_hop:
             key = endpoint.inbound
@@ -796,12 +795,8 @@ class Proxy:
             if upstream is None:
                 upstream = await self._connect(dl, endpoint, via_hop)
             try:
-                if body is not None and len(body) < 16384:  # the usual request: one write
-                    await upstream.send(head + body if body else head, dl)
-                    got = await self._read_response_head(upstream, dl, wait_first=True)
-                else:
-                    got = await self._send_and_read(client, dl, upstream, head, body, framing,
-                                                    length, expect)  # fmt: skip
+                got = await self._send_and_read(client, dl, upstream, head, body, framing,
+                                                length, expect)  # fmt: skip
             except HttpError as exc:
                 self.pool.discard(upstream)
                 if exc.status >= 500:

@@ -336,7 +336,7 @@ class Router:
             raise HttpError(502, "unknown-service", f"no service named {service!r}")
         route = next((r for r in svc.policy.routes if r.match == RouteMatch()), DEFAULT_ROUTE)
         rt = self._runtime[service]
-        return RouteState(self, svc, rt, route, _RouteSeries(self.metrics, service, route.name))
+        return RouteState(self, svc, rt, route, self._series(rt, service, route.name))
 
     def route(
         self,
@@ -365,11 +365,15 @@ class Router:
         if route is None:
             raise HttpError(404, "no-route", f"no route of {service!r} matches the request")
         rt = self._runtime[service]
-        series = rt.series.get(route.name)
-        if series is None:
-            series = rt.series[route.name] = _RouteSeries(self.metrics, service, route.name)
+        series = self._series(rt, service, route.name)
         series.requests.inc()
         return RouteState(self, svc, rt, route, series)
+
+    def _series(self, rt: _ServiceRuntime, service: str, route: str) -> _RouteSeries:
+        series = rt.series.get(route)
+        if series is None:
+            series = rt.series[route] = _RouteSeries(self.metrics, service, route)
+        return series
 
 
 def _call(fn: Callable[[], Iterable[tuple[bytes, bytes]]]) -> Iterator[tuple[bytes, bytes]]:
