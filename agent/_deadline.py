@@ -26,7 +26,9 @@ import heapq
 import itertools
 import math
 import socket
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Generator
+from typing import Any
 
 import trio
 
@@ -85,8 +87,10 @@ class Deadline:
         self._armed = -math.inf  # never armed again
         self._timer._live -= 1
 
-    async def wait(self, sock: socket.socket, *, writable: bool = False) -> None:
-        """Wait until ``sock`` is readable (or writable) within the deadline.
+    @types.coroutine
+    def wait(self, sock: socket.socket, *, writable: bool = False) -> Generator[Any, Any, None]:
+        """Wait until ``sock`` is readable (or writable) within the deadline (a generator,
+        as :func:`~._loop.wait_socket` is: one frame between the waiter and the loop).
 
         Raises:
             DeadlineExceeded: the deadline passed before or during the wait.
@@ -96,7 +100,7 @@ class Deadline:
         self.waiting = sock
         self.loop = driving()
         try:
-            await wait_socket(sock, writable=writable)
+            yield from wait_socket(sock, writable=writable)
         except trio.ClosedResourceError:
             if self.fired:
                 raise DeadlineExceeded from None

@@ -25,6 +25,8 @@ __all__ = [
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
     "MAX_REQUEST_LINE",
+    "USUAL_REQUEST",
+    "USUAL_RESPONSE",
     "ChunkedScanner",
     "Head",
     "HttpError",
@@ -34,6 +36,8 @@ __all__ = [
     "parse_request_head",
     "parse_response_head",
     "response_framing",
+    "usual_request",
+    "usual_response",
 ]
 
 #: Longest request line; nginx's default large_client_header_buffers is 8 KiB.
@@ -64,6 +68,14 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+#: Request fields besides the hop-by-hop ones that change what the proxy does:
+#: Host and framing are read, Expect answered, X-Forwarded-For and
+#: traceparent edited.
+_REQUEST_DECIDING = frozenset(
+    {b"host", b"content-length", b"expect", b"x-forwarded-for", b"traceparent"}
+)
+#: Mesh fields (the mTLS hop's caller and destination): a local client may never set them.
+_MESH_PREFIX = b"hostmesh-"
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # field-value: visible chars, obs-text, SP and HTAB; no CR, LF or other CTLs.
@@ -80,6 +92,46 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 _REQUEST_HEAD = re.compile(_REQUEST_LINE.pattern + rb"\r\n" + _FIELDS.pattern + rb"\r\n")
 _RESPONSE_HEAD = re.compile(_STATUS_LINE.pattern + rb"\r\n" + _FIELDS.pattern + rb"\r\n")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+def _plain_field(excluded: frozenset[bytes]) -> bytes:
+    """A field line whose name does not start with one of ``excluded`` (any case), nor
+    with ``hostmesh-``. Names are grouped by first letter: sre tries alternatives one
+    by one, so a line costs a test per first letter, not per name."""
+    first: dict[bytes, list[bytes]] = {}
+    for name in sorted(excluded | {_MESH_PREFIX}):
+        first.setdefault(name[:1], []).append(re.escape(name[1:]))
+    names = b"|".join(c + b"(?:" + b"|".join(rest) + b")" for c, rest in first.items())
+    return rb"(?!(?i:" + names + rb"))" + _TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
+
+
+#: The usual request, validated and read in one match: origin form, HTTP/1.1,
+#: a method other than HEAD, one Host (group 3) and no field the proxy acts on
+#: (framing, hop-by-hop, Expect, X-Forwarded-For, traceparent, mesh fields).
+#: Such a head is forwarded as it came plus two fields. What does not match
+#: takes :func:`parse_request_head` and the general path; a head this matches
+#: parses there to the same method, target and Host (tests/test_proxy_heads.py).
+_PLAIN_REQUEST_FIELD = _plain_field(HOP_BY_HOP | _REQUEST_DECIDING)
+USUAL_REQUEST = re.compile(
+    rb"(?!HEAD )(%s) (/[\x21-\x7e\x80-\xff]*+) HTTP/1\.1\r\n(?:%s)*+"
+    rb"(?i:host):[ \t]*+([\x21-\x7e\x80-\xff]++)[ \t]*+\r\n(?:%s)*+\r\n"
+    % (_TOKEN, _PLAIN_REQUEST_FIELD, _PLAIN_REQUEST_FIELD)
+)
+#: The usual response: HTTP/1.1, a status from 200 to 599 (group 1), one
+#: Content-Length of digits (group 2), and no hop-by-hop field but
+#: ``Connection: keep-alive`` as nginx, Node and Apache write it (the proxy
+#: cuts that line). The caller still refuses 204 and 304, whose
+#: Content-Length frames no body. Anything else takes
+#: :func:`parse_response_head`; what this matches parses there to the same
+#: status and framing.
+_PLAIN_RESPONSE_FIELD = (
+    _plain_field(HOP_BY_HOP | {b"content-length"}) + rb"|Connection: keep-alive\r\n"
+)
+USUAL_RESPONSE = re.compile(
+    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*+)?\r\n(?:%s)*+"
+    rb"(?i:content-length):[ \t]*+([0-9]{1,18})[ \t]*+\r\n(?:%s)*+\r\n"
+    % (_PLAIN_RESPONSE_FIELD, _PLAIN_RESPONSE_FIELD)
+)
 _NO_TOKENS: frozenset[bytes] = frozenset()
 #: Connection values as almost every message sends them, to their token sets.
 _COMMON_TOKENS = {t: frozenset({t}) for t in (b"keep-alive", b"close", b"upgrade")}
@@ -277,6 +329,26 @@ def parse_response_head(head: bytes) -> Head:
             raise HttpError(502, "bad-upstream-response", f"upstream: {exc.detail}") from None
     version, status = m.group(1, 2)
     return Head(head, line_end, b"", b"", version, int(status))
+
+
+def usual_request(head: bytes) -> re.Match[bytes] | None:
+    """:data:`USUAL_REQUEST`'s match of a whole request head, within the limits
+    :func:`parse_request_head` enforces; None: parse it there."""
+    if len(head) > _MIN_TOO_MANY and (
+        len(head) > MAX_REQUEST_LINE or head.count(b"\r\n") - 2 > MAX_HEADERS
+    ):
+        return None
+    return USUAL_REQUEST.fullmatch(head)
+
+
+def usual_response(data: bytes, end: int) -> re.Match[bytes] | None:
+    """:data:`USUAL_RESPONSE`'s match of the head ``data[:end]`` (``end`` just past its
+    blank line), within :func:`parse_response_head`'s limits; None: parse it there."""
+    if end > _MIN_TOO_MANY and (
+        end > MAX_HEAD_BYTES or data.count(b"\r\n", 0, end) - 2 > MAX_HEADERS
+    ):
+        return None
+    return USUAL_RESPONSE.fullmatch(data, 0, end)
 
 
 #: Body framing: ("length", n), ("chunked", 0), ("close", 0) (response only), ("none", 0)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import trio
@@ -112,7 +112,7 @@ class _Fixed:
     def withdraw(self, now: float) -> bool:
         return False
 
-    def pick(self, tried: set[str], now: float) -> Endpoint:
+    def pick(self, tried: Collection[str], now: float) -> Endpoint:
         return self.endpoint
 
     def finish(self, endpoint: Endpoint, ok: bool, latency: float, now: float) -> None:

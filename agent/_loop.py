@@ -55,18 +55,23 @@ def _trap(msg: tuple[Any, ...]) -> Generator[Any, Any, Any]:
     return (yield msg)
 
 
-async def wait_socket(sock: socket.socket, *, writable: bool = False) -> None:
+@types.coroutine
+def wait_socket(sock: socket.socket, *, writable: bool = False) -> Generator[Any, Any, None]:
     """Wait until ``sock`` is readable (or writable): in the loop if it drives us, else in Trio.
+
+    A generator, not a coroutine function: the loop's trap is yielded from
+    here, one frame below the waiter (every frame between a wait and the loop
+    is resumed on each wake-up).
 
     Raises:
         trio.ClosedResourceError: woken by :meth:`Loop.interrupt` (a deadline passed).
     """
     if _driving is not None:
-        await _trap((_WAIT, sock, _OUT if writable else _IN))
-    elif writable:
-        await trio.lowlevel.wait_writable(sock)
+        yield (_WAIT, sock, _OUT if writable else _IN)
+    elif writable:  # (yield from is the await of a generator)
+        yield from trio.lowlevel.wait_writable(sock).__await__()  # noqa: ASYNC105
     else:
-        await trio.lowlevel.wait_readable(sock)
+        yield from trio.lowlevel.wait_readable(sock).__await__()  # noqa: ASYNC105
 
 
 async def checkpoint() -> None:

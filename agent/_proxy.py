@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
+import random
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -48,9 +48,11 @@ from ._http1 import (
     parse_request_head,
     parse_response_head,
     response_framing,
+    usual_request,
+    usual_response,
 )
 from ._loop import Loop, checkpoint, to_trio
-from ._pool import CHECKPOINT_EVERY, ConnectError, Pool, Stream, connect
+from ._pool import CHECKPOINT_EVERY, RECV_SIZE, ConnectError, Pool, Stream, connect
 from ._resilience import REPLAY_BUFFER, may_retry
 from ._routing import Endpoint, Router
 
@@ -101,6 +103,7 @@ DRAIN_IDLE_GRACE = 1.0
 #: Distinct Host values whose service name is remembered (a client sending
 #: random ones only fills it once).
 _HOSTS_CACHED = 4096
+_random_bits = random.Random().getrandbits
 _TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -117,6 +120,9 @@ _REQUEST_DROP = _drop_pattern(HOP_BY_HOP, re.escape(_MESH_PREFIX) + rb"[^:]*+")
 _REQUEST_DROP_ABSOLUTE = _drop_pattern(HOP_BY_HOP | {b"host"}, re.escape(_MESH_PREFIX) + rb"[^:]*+")
 _RESPONSE_DROP = _drop_pattern(HOP_BY_HOP)
 _XFF = b"\r\nx-forwarded-for:"
+#: The one hop-by-hop line a usual response has (:data:`~._http1.USUAL_RESPONSE`).
+_KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
+_NOT_TRIED: frozenset[str] = frozenset()
 _TRACE = b"\r\ntraceparent:"
 
 
@@ -148,9 +154,14 @@ def _one_valid_trace(req: Head) -> bool:
 
 
 def _new_traceparent() -> bytes:
-    """A ``traceparent`` field line (with the CRLF before it) starting a new trace."""
-    rand = os.urandom(24).hex().encode()
-    return b"\r\ntraceparent: 00-" + rand[:32] + b"-" + rand[32:] + b"-01"
+    """A ``traceparent`` field line (with the CRLF before it) starting a new trace.
+
+    The ids come from a Mersenne Twister seeded by the OS: W3C Trace Context
+    asks for random ids, not secret ones, and one call costs a third of
+    ``os.urandom``'s system call. An all-zero id, which the format forbids, is
+    replaced by 1.
+    """
+    return b"\r\ntraceparent: 00-%032x-%016x-01" % (_random_bits(128) or 1, _random_bits(64) or 1)
 
 
 def _head_tail(req: Head, *, chunked: bool, upgrade: bool) -> bytes:
@@ -197,7 +208,7 @@ class RouteLike(Protocol):
     def release(self) -> None: ...
     def deposit(self, now: float) -> None: ...
     def withdraw(self, now: float) -> bool: ...
-    def pick(self, tried: set[str], now: float) -> Endpoint: ...
+    def pick(self, tried: Collection[str], now: float) -> Endpoint: ...
     def finish(self, endpoint: Endpoint, ok: bool, latency: float, now: float) -> None: ...
     def count_response(self, status: int, duration: float) -> None: ...
 
@@ -205,11 +216,12 @@ class RouteLike(Protocol):
 class Conn:
     """One client connection's facts, learnt once: its address and who it is."""
 
-    __slots__ = ("addr", "identity", "peer", "stream")
+    __slots__ = ("addr", "forwarded", "identity", "peer", "stream")
 
     def __init__(self, addr: tuple[str, int]) -> None:
         self.addr = addr
         self.peer = addr[0]  # for X-Forwarded-For
+        self.forwarded = b"X-Forwarded-For: " + self.peer.encode()  # the line a usual head gets
         # Workload identity, looked up once (with the mesh); the inbound side sets
         # the peer node's, from its certificate.
         self.identity: str | None = None
@@ -250,7 +262,8 @@ class Proxy:
         self.config = config
         self.router = router
         self._suffix = f".svc.{domain}".encode()
-        self._hosts: dict[bytes, bytes] = {}  # Host value -> service name (bounded)
+        # Host value -> service name, as bytes and str (bounded)
+        self._hosts: dict[bytes, tuple[bytes, str]] = {}
         self.stats = ProxyStats(refused={})
         self.pool = Pool(
             max_idle=config.pool_max_idle,
@@ -389,13 +402,51 @@ class Proxy:
             client = conn.stream = await self._open_client(sock, dl, conn)
             if client is None:
                 return
+            idle_timeout = self.config.idle_timeout
+            plain = type(client) is Stream  # not TLS: its socket is read directly
             first = True
             while True:
-                head = await self._read_head(client, dl, first)
-                if head is None:
-                    return
+                head = None
+                inline = plain and not (first or client.buf or self.draining)
+                if not inline:
+                    head = await self._read_head(client, dl, first)
+                    if head is None:
+                        return
+                else:
+                    # The usual keep-alive wait after an answer, inline (_read_head's
+                    # first round): the next request usually comes in one read.
+                    dl.set(self.timer.now() + idle_timeout)
+                    self._idle.add(dl)
+                    try:
+                        await dl.wait(sock)
+                    except DeadlineExceeded:
+                        # Draining closes idle connections; one whose request is
+                        # already in the socket still gets it answered.
+                        if not (self.draining and client.fill_nowait()):
+                            return
+                    finally:
+                        self._idle.discard(dl)
+                    if not client.buf:
+                        try:
+                            data = sock.recv(RECV_SIZE)
+                        except BlockingIOError:
+                            data = None  # woken without data: _read_head waits again
+                        if data == b"":
+                            return  # the client is done
+                        if data is not None:
+                            if data.find(b"\r\n\r\n") == len(data) - 4:
+                                head = data  # one whole head, nothing after it
+                            else:
+                                client.buf += data
+                    if head is None:
+                        head = await self._read_head(client, dl, first)
+                        if head is None:
+                            return
                 first = False
-                if not await self._exchange(client, dl, head, conn):
+                keep = await self._express(client, dl, head, conn) if self.mesh is None else None
+                if keep is None:
+                    keep = await self._exchange(client, dl, head, conn)
+                if not keep:
                     return
         except HttpError as exc:
             self._refuse(exc.reason)
@@ -482,12 +533,13 @@ class Proxy:
             host = req.get(b"host")
             if host is None:
                 raise HttpError(400, "missing-host", "no Host header")
-            service = self._hosts.get(host)
-            if service is None:
+            known = self._hosts.get(host)
+            if known is None:
                 service = _service_from_host(host, self._suffix)
+                known = (service, service.decode("ascii", "replace"))
                 if len(self._hosts) < _HOSTS_CACHED:
-                    self._hosts[host] = service
-            return service, target
+                    self._hosts[host] = known
+            return known[0], target
         if target[:7].lower() == b"http://":
             rest = target[7:]
             slash = rest.find(b"/")
@@ -647,10 +699,121 @@ class Proxy:
                                               length - len(body or b""),
                                               client_close and body is not None)  # fmt: skip
         try:
-            return await self._forward(client, dl, req, state, path, conn.peer, body, framing,
+            head = self._upstream_head(req, path, conn.peer, chunked=framing == "chunked",
+                                       upgrade=upgrade)  # fmt: skip
+            return await self._forward(client, dl, req.method, head, state, body, framing,
                                        length, client_close=client_close, upgrade=upgrade,
                                        expect=expect is not None,
                                        hop=(source, service))  # fmt: skip
+        finally:
+            state.release()
+
+    async def _express(self, client: Stream, dl: Deadline, head: bytes, conn: Conn) -> bool | None:
+        """Proxy the usual exchange in one frame; None: ``head`` is not usual, nothing done.
+
+        Usual: a request :func:`~._http1.usual_request` matches (no body, nothing
+        to drop), a Host seen before, a route, an idle pooled connection to the
+        picked instance, and an answer that arrives with its head in one read,
+        matches :func:`~._http1.usual_response`, has its whole body and is not
+        to be retried. Each step does what :meth:`_exchange`'s helpers do for
+        such a message, in fewer calls. The first step that finds anything else
+        hands over: before routing, to :meth:`_exchange`; after it, to
+        :meth:`_forward`, where the request is in the middle of its first try.
+        Used without the mesh only (no caller identity or intentions).
+        """
+        m = usual_request(head)
+        if m is None:
+            return None
+        method, path, host = m.group(1, 2, 3)
+        known = self._hosts.get(host)
+        if known is None:
+            return None  # its first request: _destination reads and caches the name
+        service, name = known
+        now = self._clock()
+        try:
+            state = self.router.route(name, method, path, lambda: parse_request_head(head).fields,
+                                      now)  # fmt: skip
+        except HttpError:
+            return None  # answered by _exchange
+        try:
+            state.admit(now)
+        except HttpError as exc:
+            return await self._refuse_request(client, dl, exc, "none", 0, False)
+        try:
+            up_head = head[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
+            route = state.route
+            timer_now = self.timer.now()
+            try_deadline = timer_now + route.timeout if route.timeout > 0 else math.inf
+            if route.per_try_timeout > 0:
+                try_deadline = min(try_deadline, timer_now + route.per_try_timeout)
+            state.deposit(now)
+            endpoint = state.pick(_NOT_TRIED, now)
+            upstream = self.pool.take_idle(endpoint.key, now, peek=False)
+            hop = (b"", service)
+            if upstream is None:
+                return await self._forward(client, dl, method, up_head, state, b"", "none", 0,
+                                           client_close=False, upgrade=False, expect=False,
+                                           hop=hop, picked=endpoint)  # fmt: skip
+            dl.set(try_deadline)
+            usock = upstream.sock
+            try:
+                whole = usock.send(up_head) == len(up_head)
+            except OSError:  # reset while idle, or a full buffer (not on an idle connection)
+                whole = False
+            if not whole:  # nothing usable was sent: a new try, as for a stale connection
+                self.pool.discard(upstream)
+                return await self._forward(client, dl, method, up_head, state, b"", "none", 0,
+                                           client_close=False, upgrade=False, expect=False,
+                                           hop=hop, picked=endpoint)  # fmt: skip
+            resp = None
+            try:
+                await dl.wait(usock)
+                data = usock.recv(RECV_SIZE)
+            except (OSError, DeadlineExceeded):
+                data = b""  # _forward meets the same again and handles it
+            end = data.find(b"\r\n\r\n") + 4
+            if end > 3:
+                resp = usual_response(data, end)
+            # Its one hop-by-hop line (Connection: keep-alive), if any, is cut below.
+            cut = data.find(_KEEP_ALIVE_LINE, 0, end)
+            if resp is not None:
+                status = int(resp.group(1))
+                length = int(resp.group(2))
+                if (
+                    len(data) != end + length
+                    or status == 204
+                    or status == 304
+                    or (status in route.retries.retry_statuses
+                        and may_retry(method, body_replayable=True))
+                    or (cut >= 0 and data.find(_KEEP_ALIVE_LINE, cut + 2, end) >= 0)
+                ):  # fmt: skip
+                    resp = None
+            if resp is None:
+                upstream.buf += data
+                return await self._forward(client, dl, method, up_head, state, b"", "none", 0,
+                                           client_close=False, upgrade=False, expect=False,
+                                           hop=hop, picked=endpoint, sent=upstream)  # fmt: skip
+            done = self._clock()
+            state.finish(endpoint, status < 500, done - now, done)
+            # The response as _respond forwards it: the head without its hop-by-hop
+            # line, and the body that came with it.
+            out = data if cut < 0 else data[:cut] + data[cut + len(_KEEP_ALIVE_LINE) - 2 :]
+            if self.draining:
+                cut = out.find(b"\r\n\r\n") + 2
+                out = out[:cut] + b"Connection: close\r\n" + out[cut:]
+            dl.after(self.config.idle_timeout)
+            state.count_response(status, done - now)
+            try:
+                await client.send(out, dl)
+            except DeadlineExceeded:
+                self.pool.discard(upstream)
+                self._refuse("body-timeout")
+                return False
+            except BaseException:
+                self.pool.discard(upstream)
+                raise
+            self.pool.release(upstream, done)
+            return not self.draining
         finally:
             state.release()
 
@@ -685,22 +848,33 @@ class Proxy:
         await client.send(error_response(exc.status, exc.reason, exc.detail, close=not keep), dl)
         return keep
 
-    async def _forward(self, client: Stream, dl: Deadline, req: Head, state: RouteLike,
-                       path: bytes, peer: str, body: bytes | None, framing: str, length: int, *,
+    async def _forward(self, client: Stream, dl: Deadline, method: bytes, head: bytes,
+                       state: RouteLike, body: bytes | None, framing: str, length: int, *,
                        client_close: bool, upgrade: bool, expect: bool,
-                       hop: tuple[bytes, bytes]) -> bool:  # fmt: skip
+                       hop: tuple[bytes, bytes], picked: Endpoint | None = None,
+                       sent: Stream | None = None) -> bool:  # fmt: skip
+        """Send the request (``head`` as it goes upstream) to an instance, with the route's
+        retries and timeouts, and the response back; True if the client connection stays.
+
+        ``picked``: the caller has counted the request in the retry budget and picked
+        the first instance (:meth:`_express`); ``sent``: and sent the request to it on
+        this connection, so the first try reads its answer.
+        """
         route = state.route
         policy = route.retries
-        head = self._upstream_head(req, path, peer, chunked=framing == "chunked", upgrade=upgrade)
-        replayable = body is not None and may_retry(req.method, body_replayable=True)
+        replayable = body is not None and may_retry(method, body_replayable=True)
         clock = self._clock
         start = t0 = clock()
         deadline = self.timer.now() + route.timeout if route.timeout > 0 else math.inf
         tried: set[str] = set()
         retries = 0
-        state.deposit(start)
+        if picked is None:
+            state.deposit(start)
         while True:
-            endpoint = state.pick(tried, t0)
+            if picked is not None:
+                endpoint, picked = picked, None
+            else:
+                endpoint = state.pick(tried, t0)
             tried.add(endpoint.uid)
             try_deadline = deadline
             if route.per_try_timeout > 0:
@@ -709,11 +883,12 @@ class Proxy:
             try:
                 try:
                     upstream, resp = await self._attempt(client, dl, endpoint, head, body,
-                                                         framing, length, expect,
-                                                         hop)  # fmt: skip
+                                                         framing, length, expect, hop,
+                                                         sent)  # fmt: skip
                 except DeadlineExceeded:  # the attempt discarded its connection
                     raise _Attempt(504, "timeout", "upstream timed out", connected=True) from None
             except _Attempt as failure:
+                sent = None
                 now = clock()
                 state.finish(endpoint, False, now - t0, now)
                 timed_out_total = self.timer.now() >= deadline
@@ -741,6 +916,7 @@ class Proxy:
                 await client.send(error_response(failure.status, failure.reason, failure.detail,
                                                  close=not keep), dl)  # fmt: skip
                 return keep
+            sent = None
             status = resp.status
             now = clock()
             state.finish(endpoint, status < 500, now - t0, now)
@@ -757,7 +933,7 @@ class Proxy:
                     t0 = clock()
                     continue
                 exhausted = True
-            return await self._respond(client, dl, upstream, req, resp, state, now - start,
+            return await self._respond(client, dl, upstream, method, resp, state, now - start,
                                        client_close=client_close, upgrade=upgrade,
                                        exhausted=exhausted)  # fmt: skip
 
@@ -767,13 +943,15 @@ class Proxy:
 
     async def _attempt(self, client: Stream, dl: Deadline, endpoint: Endpoint, head: bytes,
                        body: bytes | None, framing: str, length: int, expect: bool,
-                       hop: tuple[bytes, bytes]) -> tuple[Stream, Head]:  # fmt: skip
+                       hop: tuple[bytes, bytes],
+                       sent: Stream | None = None) -> tuple[Stream, Head]:  # fmt: skip
         """Send the request on a pooled or new connection and read the response head.
 
         A reused connection that fails before any response byte is retried
         once on a fresh one (the peer closed it while idle): never the
         client's problem. An instance on another node is asked through its
         agent: the head gets the mesh headers (caller, service, instance).
+        ``sent``: the request went out on this (pooled) connection already.
 
         Raises:
             _Attempt: connect failure, reset, or a malformed response.
@@ -788,15 +966,22 @@ class Proxy:
                     + service + b"\r\nhostmesh-instance: " + endpoint.id.encode()
                     + b"\r\n\r\n")  # fmt: skip
         for fresh in (False, True):
-            upstream = None if fresh else self.pool.take_idle(key, self._clock(), peek=body is None)
+            upstream: Stream | None = sent
+            if upstream is None:
+                upstream = None if fresh else self.pool.take_idle(key, self._clock(),
+                                                                  peek=body is None)  # fmt: skip
             if upstream is not None and via_hop and _peer_node(upstream) != endpoint.node:
                 self.pool.discard(upstream)  # that address is another node's now
                 upstream = None
             if upstream is None:
                 upstream = await self._connect(dl, endpoint, via_hop)
             try:
-                got = await self._send_and_read(client, dl, upstream, head, body, framing,
-                                                length, expect)  # fmt: skip
+                if sent is not None:
+                    sent = None
+                    got = await self._read_response_head(upstream, dl)
+                else:
+                    got = await self._send_and_read(client, dl, upstream, head, body, framing,
+                                                    length, expect)  # fmt: skip
             except HttpError as exc:
                 self.pool.discard(upstream)
                 if exc.status >= 500:
@@ -1006,7 +1191,7 @@ class Proxy:
         elif framing == "chunked":
             await _copy_chunked(client, upstream, "request", dl)
 
-    async def _respond(self, client: Stream, dl: Deadline, upstream: Stream, req: Head,
+    async def _respond(self, client: Stream, dl: Deadline, upstream: Stream, method: bytes,
                        resp: Head, state: RouteLike, duration: float, *, client_close: bool,
                        upgrade: bool, exhausted: bool) -> bool:  # fmt: skip
         """Forward the response head and body; True if both sides stay open.
@@ -1014,7 +1199,7 @@ class Proxy:
         The route's timeout ends with the response head; from here each read or
         write of the body may stall up to ``idle_timeout``.
         """
-        framing, length = response_framing(resp, req.method)
+        framing, length = response_framing(resp, method)
         tokens = resp.connection_tokens()
         upstream_close = b"close" in tokens or resp.version == b"HTTP/1.0" or framing == "close"
         switching = upgrade and resp.status == 101

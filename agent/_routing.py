@@ -21,7 +21,7 @@ Picking an instance for a request (:meth:`RouteState.pick`):
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from hostmesh._metrics import CounterChild, Registry
@@ -425,7 +425,7 @@ class RouteState:
         self._router.metrics.budget_exhausted.labels(self.svc.name).inc()
         return False
 
-    def pick(self, tried: set[str], now: float) -> Endpoint:
+    def pick(self, tried: Collection[str], now: float) -> Endpoint:
         """The instance for the next attempt.
 
         Raises:
