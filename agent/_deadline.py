@@ -32,7 +32,8 @@ from typing import Any
 
 import trio
 
-from ._loop import Loop, driving, wait_socket
+from . import _loop
+from ._loop import READABLE, WAIT, WRITABLE, Loop, wait_socket
 
 __all__ = ["Deadline", "DeadlineExceeded", "Timer"]
 
@@ -98,9 +99,12 @@ class Deadline:
         if self.fired:
             raise DeadlineExceeded
         self.waiting = sock
-        self.loop = driving()
+        loop = self.loop = _loop._driving
         try:
-            yield from wait_socket(sock, writable=writable)
+            if loop is not None:  # wait_socket's trap, yielded here: one frame less
+                yield (WAIT, sock, WRITABLE if writable else READABLE)
+            else:
+                yield from wait_socket(sock, writable=writable)
         except trio.ClosedResourceError:
             if self.fired:
                 raise DeadlineExceeded from None

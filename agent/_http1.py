@@ -107,11 +107,13 @@ def _plain_field(excluded: frozenset[bytes]) -> bytes:
 
 #: The usual request, validated and read in one match: origin form, HTTP/1.1,
 #: a method other than HEAD, one Host (group 3) and no field the proxy acts on
-#: (framing, hop-by-hop, Expect, X-Forwarded-For, traceparent, mesh fields).
-#: Such a head is forwarded as it came plus two fields. What does not match
+#: (framing, hop-by-hop, Expect, X-Forwarded-For, traceparent, mesh fields)
+#: but ``Connection: keep-alive`` as httpx, requests and Java write it. Such a
+#: head is forwarded as it came, without that line, plus two fields. What does not match
 #: takes :func:`parse_request_head` and the general path; a head this matches
 #: parses there to the same method, target and Host (tests/test_proxy_heads.py).
-_PLAIN_REQUEST_FIELD = _plain_field(HOP_BY_HOP | _REQUEST_DECIDING)
+_KEEP_ALIVE = rb"|Connection: keep-alive\r\n"
+_PLAIN_REQUEST_FIELD = _plain_field(HOP_BY_HOP | _REQUEST_DECIDING) + _KEEP_ALIVE
 USUAL_REQUEST = re.compile(
     rb"(?!HEAD )(%s) (/[\x21-\x7e\x80-\xff]*+) HTTP/1\.1\r\n(?:%s)*+"
     rb"(?i:host):[ \t]*+([\x21-\x7e\x80-\xff]++)[ \t]*+\r\n(?:%s)*+\r\n"
@@ -124,9 +126,7 @@ USUAL_REQUEST = re.compile(
 #: Content-Length frames no body. Anything else takes
 #: :func:`parse_response_head`; what this matches parses there to the same
 #: status and framing.
-_PLAIN_RESPONSE_FIELD = (
-    _plain_field(HOP_BY_HOP | {b"content-length"}) + rb"|Connection: keep-alive\r\n"
-)
+_PLAIN_RESPONSE_FIELD = _plain_field(HOP_BY_HOP | {b"content-length"}) + _KEEP_ALIVE
 USUAL_RESPONSE = re.compile(
     rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*+)?\r\n(?:%s)*+"
     rb"(?i:content-length):[ \t]*+([0-9]{1,18})[ \t]*+\r\n(?:%s)*+\r\n"

@@ -32,13 +32,16 @@ from typing import Any
 
 import trio
 
-__all__ = ["Loop", "checkpoint", "quiet", "to_trio", "wait_socket"]
+__all__ = ["READABLE", "WAIT", "WRITABLE", "Loop", "checkpoint", "quiet", "to_trio", "wait_socket"]
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 # Errors and hang-ups are reported whatever was asked for; they wake any waiter.
 _ANY = select.EPOLLERR | select.EPOLLHUP
 _WAIT, _ESCAPE, _YIELD = 0, 1, 2
+#: What a wait yields to the loop driving it: (WAIT, socket, READABLE or WRITABLE)
+#: (for :meth:`~._deadline.Deadline.wait`, which yields it itself).
+WAIT, READABLE, WRITABLE = _WAIT, _IN, _OUT
 #: epoll events fetched per poll.
 MAX_EVENTS = 256
 #: s of connection work before Trio's other tasks get a turn. A saturated proxy
@@ -96,11 +99,6 @@ def quiet(sock: socket.socket) -> bool:
         return False
     fd = sock.fileno()
     return loop._registered.get(fd) is sock and not loop._bits.get(fd, 0) & (_IN | _ANY)
-
-
-def driving() -> Loop | None:
-    """The loop driving the running code, if any (a deadline's wait records it)."""
-    return _driving
 
 
 @types.coroutine
@@ -217,7 +215,17 @@ class Loop:
             _driving = None
         kind = trap[0] if type(trap) is tuple else None
         if kind == _WAIT:
-            self._wait(coro, trap[1], trap[2])
+            # The usual wait, inline: a registered socket with no event seen for it.
+            sock = trap[1]
+            fd = sock.fileno()
+            if (
+                self._registered.get(fd) is sock
+                and not self._bits.get(fd, 0) & (trap[2] | _ANY)
+                and fd not in self._waiters
+            ):
+                self._waiters[fd] = (coro, trap[2] | _ANY)
+            else:
+                self._wait(coro, sock, trap[2])
         elif kind == _YIELD:
             self._ready.append((coro, None))
         elif kind == _ESCAPE:

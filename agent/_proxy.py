@@ -62,7 +62,15 @@ if TYPE_CHECKING:
     from ._intentions import Intentions
     from ._mtls import MeshTls
 
-__all__ = ["Proxy", "ProxyStats", "RouteLike", "error_response", "kept_lines", "response_fields"]
+__all__ = [
+    "Proxy",
+    "ProxyStats",
+    "RouteLike",
+    "error_response",
+    "kept_lines",
+    "response_fields",
+    "without_keep_alive",
+]
 
 _log = get_logger(__name__)
 
@@ -120,10 +128,22 @@ _REQUEST_DROP = _drop_pattern(HOP_BY_HOP, re.escape(_MESH_PREFIX) + rb"[^:]*+")
 _REQUEST_DROP_ABSOLUTE = _drop_pattern(HOP_BY_HOP | {b"host"}, re.escape(_MESH_PREFIX) + rb"[^:]*+")
 _RESPONSE_DROP = _drop_pattern(HOP_BY_HOP)
 _XFF = b"\r\nx-forwarded-for:"
-#: The one hop-by-hop line a usual response has (:data:`~._http1.USUAL_RESPONSE`).
+#: The one hop-by-hop line a usual head may have (:data:`~._http1.USUAL_REQUEST`).
 _KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
 _NOT_TRIED: frozenset[str] = frozenset()
 _TRACE = b"\r\ntraceparent:"
+
+
+def without_keep_alive(data: bytes, end: int) -> bytes | None:
+    """``data``, a usual head (:func:`~._http1.usual_request`, :func:`~._http1.usual_response`)
+    ending at ``end`` and what follows it, without its ``Connection: keep-alive`` line, as
+    it is forwarded; None when it has two (left to the general path)."""
+    cut = data.find(_KEEP_ALIVE_LINE, 0, end)
+    if cut < 0:
+        return data
+    if data.find(_KEEP_ALIVE_LINE, cut + 2, end) >= 0:
+        return None
+    return data[:cut] + data[cut + len(_KEEP_ALIVE_LINE) - 2 :]
 
 
 def response_fields(resp: Head, tokens: frozenset[bytes]) -> bytes:
@@ -728,6 +748,9 @@ class Proxy:
         known = self._hosts.get(host)
         if known is None:
             return None  # its first request: _destination reads and caches the name
+        kept = without_keep_alive(head, len(head))
+        if kept is None:
+            return None
         service, name = known
         now = self._clock()
         try:
@@ -740,7 +763,7 @@ class Proxy:
         except HttpError as exc:
             return await self._refuse_request(client, dl, exc, "none", 0, False)
         try:
-            up_head = head[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
+            up_head = kept[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
             route = state.route
             timer_now = self.timer.now()
             try_deadline = timer_now + route.timeout if route.timeout > 0 else math.inf
@@ -765,7 +788,7 @@ class Proxy:
                 return await self._forward(client, dl, method, up_head, state, b"", "none", 0,
                                            client_close=False, upgrade=False, expect=False,
                                            hop=hop, picked=endpoint)  # fmt: skip
-            resp = None
+            resp = out = None
             try:
                 await dl.wait(usock)
                 data = usock.recv(RECV_SIZE)
@@ -774,8 +797,6 @@ class Proxy:
             end = data.find(b"\r\n\r\n") + 4
             if end > 3:
                 resp = usual_response(data, end)
-            # Its one hop-by-hop line (Connection: keep-alive), if any, is cut below.
-            cut = data.find(_KEEP_ALIVE_LINE, 0, end)
             if resp is not None:
                 status = int(resp.group(1))
                 length = int(resp.group(2))
@@ -785,19 +806,17 @@ class Proxy:
                     or status == 304
                     or (status in route.retries.retry_statuses
                         and may_retry(method, body_replayable=True))
-                    or (cut >= 0 and data.find(_KEEP_ALIVE_LINE, cut + 2, end) >= 0)
                 ):  # fmt: skip
                     resp = None
-            if resp is None:
+                else:  # as _respond forwards it: the head without hop-by-hop lines, the body
+                    out = without_keep_alive(data, end)
+            if out is None:
                 upstream.buf += data
                 return await self._forward(client, dl, method, up_head, state, b"", "none", 0,
                                            client_close=False, upgrade=False, expect=False,
                                            hop=hop, picked=endpoint, sent=upstream)  # fmt: skip
             done = self._clock()
             state.finish(endpoint, status < 500, done - now, done)
-            # The response as _respond forwards it: the head without its hop-by-hop
-            # line, and the body that came with it.
-            out = data if cut < 0 else data[:cut] + data[cut + len(_KEEP_ALIVE_LINE) - 2 :]
             if self.draining:
                 cut = out.find(b"\r\n\r\n") + 2
                 out = out[:cut] + b"Connection: close\r\n" + out[cut:]

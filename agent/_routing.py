@@ -91,6 +91,7 @@ class _Subset:
     all: tuple[Endpoint, ...]
     plan: ZonePlan | None  # None in panic: every instance, any zone
     by_zone: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)  # healthy, per AZ
+    zoned: bool = False  # the plan picks a zone (not all zones, not panic)
 
     @staticmethod
     def of(healthy: tuple[Endpoint, ...], members: tuple[Endpoint, ...],
@@ -98,7 +99,9 @@ class _Subset:
         by_zone: dict[str, tuple[Endpoint, ...]] = {}
         for e in healthy:
             by_zone[e.az] = (*by_zone.get(e.az, ()), e)
-        return _Subset(healthy, members, plan, by_zone)
+        # pick_zone answers None for every draw (all zones, panic) or for none.
+        zoned = plan is not None and plan.pick_zone(0.0) is not None
+        return _Subset(healthy, members, plan, by_zone, zoned)
 
 
 @dataclass(frozen=True)
@@ -438,11 +441,9 @@ class RouteState:
         subsets = svc.subsets
         targets = self.route.targets
         r = rng.random()
+        subset: _Subset | None = None
         if len(targets) == 1:  # no split: the one target, if it has an instance
-            target: Target | None = targets[0]
             subset = subsets.get(targets[0]) if targets[0].weight else None
-            if subset is None or not (subset.healthy or subset.all):
-                target = None
         else:
 
             def usable(target: Target) -> bool:
@@ -450,17 +451,20 @@ class RouteState:
                 return subset is not None and bool(subset.healthy or subset.all)
 
             target = pick_target_among(self.route, r, usable)
-        if target is None:
+            if target is not None:
+                subset = subsets[target]
+        if subset is None or not (subset.healthy or subset.all):
             raise HttpError(503, "no-healthy-instance", f"{svc.name} has no healthy instance")
-        subset = subsets[target]
         plan = subset.plan
         if plan is None:
             candidates = subset.all
         else:
             candidates = subset.healthy
-            zone = plan.pick_zone(rng.random())
-            if zone is not None:
-                candidates = subset.by_zone.get(zone) or candidates
+            r = rng.random()  # drawn whether or not the plan filters: seeded picks stay put
+            if subset.zoned:
+                zone = plan.pick_zone(r)
+                if zone is not None:
+                    candidates = subset.by_zone.get(zone) or candidates
         if tried or outlier.any_ejected(now):
             fresh = [e for e in candidates
                      if e.uid not in tried and not outlier.is_ejected(e.uid, now)]  # fmt: skip
