@@ -120,14 +120,17 @@ class EndpointStats:
                 fast and draw more traffic (the outlier detector deals with
                 the failures themselves). It does restart the idle decay.
         """
-        self.outstanding = max(0, self.outstanding - 1)  # 0: started on a dropped twin
-        sample = max(0.0, latency_s)
-        if self._stamp is None:
-            self._ewma = sample if ok else max(sample, self._ewma)
+        # (Comparisons rather than max(): this runs once per request.)
+        if self.outstanding > 0:  # 0: started on a dropped twin
+            self.outstanding -= 1
+        sample = latency_s if latency_s > 0.0 else 0.0
+        stamp = self._stamp
+        if stamp is None:
+            self._ewma = sample if ok or sample > self._ewma else self._ewma
         elif sample > self._ewma:
             self._ewma = sample  # peak: jump up at once
         elif ok:
-            w = math.exp(-max(0.0, now - self._stamp) / self._decay)
+            w = math.exp((stamp - now) / self._decay) if now > stamp else 1.0
             self._ewma = self._ewma * w + sample * (1.0 - w)
         self._stamp = now
 

@@ -174,8 +174,9 @@ def build_snapshot(
                 for e, v in zip(endpoints, views, strict=True)
             )
         policy = traffic.get(name, DEFAULT_POLICY)
-        # Target() (every instance) backs the default route and TCP upstreams.
-        targets = {t for route in policy.routes for t in route.targets} | {Target()}
+        # Target() (every instance) backs the default route and TCP upstreams. The
+        # default route's own object is the key: found by identity, not compared.
+        targets = {DEFAULT_ROUTE.targets[0]} | {t for route in policy.routes for t in route.targets}
         subsets = {}
         for target in targets:
             members = tuple(e for e in endpoints if target.selects(e))
