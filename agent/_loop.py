@@ -154,6 +154,7 @@ class Loop:
         run). A coroutine's uncaught exception ends the loop with it, as it
         would end a Trio nursery.
         """
+        global _driving
         self._nursery = nursery
         poll = self._ep.poll
         try:
@@ -172,11 +173,15 @@ class Loop:
                 ready, self._ready = self._ready, []
                 started = perf_counter()
                 done = 0
-                for coro, exc in ready:
-                    self._step(coro, exc)
-                    done += 1
-                    if not done % 4 and perf_counter() - started > BATCH_TIME:
-                        break
+                _driving = self  # for the whole batch: only our coroutines run in it
+                try:
+                    for coro, exc in ready:
+                        self._step(coro, exc)
+                        done += 1
+                        if not done % 4 and perf_counter() - started > BATCH_TIME:
+                            break
+                finally:
+                    _driving = None
                 if done < len(ready):
                     self._ready[:0] = ready[done:]  # first in the next batch
                 if self._error is not None:
@@ -200,8 +205,7 @@ class Loop:
                 bits[fd] = bits.get(fd, 0) | ev
 
     def _step(self, coro: Coroutine[Any, Any, Any], exc: BaseException | None) -> None:
-        global _driving
-        _driving = self
+        # (run() has set _driving for the batch.)
         try:
             trap = coro.send(None) if exc is None else coro.throw(exc)
         except StopIteration:
@@ -211,8 +215,6 @@ class Loop:
             self._live.discard(coro)
             self._error = error
             return
-        finally:
-            _driving = None
         kind = trap[0] if type(trap) is tuple else None
         if kind == _WAIT:
             # The usual wait, inline: a registered socket with no event seen for it.

@@ -27,7 +27,7 @@ import random
 import re
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -772,11 +772,8 @@ class Proxy:
             state.deposit(now)
             endpoint = state.pick(_NOT_TRIED, now)
             upstream = self.pool.take_idle(endpoint.key, now, peek=False)
-            hop = (b"", service)
             if upstream is None:
-                return await self._forward(client, dl, method, up_head, state, b"", "none", 0,
-                                           client_close=False, upgrade=False, expect=False,
-                                           hop=hop, picked=endpoint)  # fmt: skip
+                return await self._hand_over(client, dl, method, up_head, state, service, endpoint)
             dl.set(try_deadline)
             usock = upstream.sock
             try:
@@ -785,9 +782,7 @@ class Proxy:
                 whole = False
             if not whole:  # nothing usable was sent: a new try, as for a stale connection
                 self.pool.discard(upstream)
-                return await self._forward(client, dl, method, up_head, state, b"", "none", 0,
-                                           client_close=False, upgrade=False, expect=False,
-                                           hop=hop, picked=endpoint)  # fmt: skip
+                return await self._hand_over(client, dl, method, up_head, state, service, endpoint)
             resp = out = None
             try:
                 await dl.wait(usock)
@@ -812,9 +807,8 @@ class Proxy:
                     out = without_keep_alive(data, end)
             if out is None:
                 upstream.buf += data
-                return await self._forward(client, dl, method, up_head, state, b"", "none", 0,
-                                           client_close=False, upgrade=False, expect=False,
-                                           hop=hop, picked=endpoint, sent=upstream)  # fmt: skip
+                return await self._hand_over(client, dl, method, up_head, state, service, endpoint,
+                                             upstream)  # fmt: skip
             done = self._clock()
             state.finish(endpoint, status < 500, done - now, done)
             if self.draining:
@@ -835,6 +829,15 @@ class Proxy:
             return not self.draining
         finally:
             state.release()
+
+    def _hand_over(self, client: Stream, dl: Deadline, method: bytes, head: bytes,
+                   state: RouteLike, service: bytes, endpoint: Endpoint,
+                   sent: Stream | None = None) -> Awaitable[bool]:  # fmt: skip
+        """:meth:`_forward` for an express request past routing: ``endpoint`` is picked,
+        and the request was ``sent`` to it on that connection if one is given."""
+        return self._forward(client, dl, method, head, state, b"", "none", 0, client_close=False,
+                             upgrade=False, expect=False, hop=(b"", service), picked=endpoint,
+                             sent=sent)  # fmt: skip
 
     async def _read_small_body(self, client: Stream, dl: Deadline, length: int) -> None:
         """Read until ``client.buf`` holds ``length`` bytes, within ``idle_timeout``.
