@@ -142,7 +142,8 @@ class RetryBudget:
     Share one budget across every request to one service.
     """
 
-    __slots__ = ("_deposits", "_head", "_reserve", "_retries", "_slice", "config")
+    __slots__ = ("_deposits", "_head", "_index", "_reserve", "_retries", "_slice", "_until",
+                 "config")  # fmt: skip
 
     def __init__(self, config: RetryBudgetConfig | None = None) -> None:
         self.config = config or RetryBudgetConfig()
@@ -151,9 +152,13 @@ class RetryBudget:
         self._deposits = [0] * _BUDGET_SLICES
         self._retries = [0] * _BUDGET_SLICES
         self._head: int | None = None  # slice number of the newest bucket
+        self._index = 0  # its bucket
+        self._until = -math.inf  # a time before which the newest bucket is still current
 
     def _advance(self, now: float) -> int:
         """Clear the buckets the window left behind; the index of the current one."""
+        if now < self._until:  # still in the newest bucket's slice (or a clock went back)
+            return self._index
         current = math.floor(now / self._slice)
         if self._head is None:
             self._head = current
@@ -164,7 +169,11 @@ class RetryBudget:
                 self._retries[index] = 0
             self._head = current
         # A clock that went back counts into the newest bucket.
-        return self._head % _BUDGET_SLICES
+        self._index = self._head % _BUDGET_SLICES
+        # Just short of the next slice's start, so that rounding never keeps an old bucket.
+        start = (self._head + 1) * self._slice
+        self._until = start - 1e-9 * max(1.0, abs(start))
+        return self._index
 
     def _spare(self) -> float:
         """Allowance minus retries already made in the window."""

@@ -91,7 +91,7 @@ class _Subset:
     all: tuple[Endpoint, ...]
     plan: ZonePlan | None  # None in panic: every instance, any zone
     by_zone: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)  # healthy, per AZ
-    zoned: bool = False  # the plan picks a zone (not all zones, not panic)
+    zoned: bool = False  # the plan picks among zones (not all zones, not panic, not just one)
 
     @staticmethod
     def of(healthy: tuple[Endpoint, ...], members: tuple[Endpoint, ...],
@@ -99,8 +99,9 @@ class _Subset:
         by_zone: dict[str, tuple[Endpoint, ...]] = {}
         for e in healthy:
             by_zone[e.az] = (*by_zone.get(e.az, ()), e)
-        # pick_zone answers None for every draw (all zones, panic) or for none.
-        zoned = plan is not None and plan.pick_zone(0.0) is not None
+        # pick_zone answers None for every draw (all zones, panic) or for none; with
+        # healthy instances in one zone only, it can only answer that zone.
+        zoned = plan is not None and plan.pick_zone(0.0) is not None and len(by_zone) > 1
         return _Subset(healthy, members, plan, by_zone, zoned)
 
 
