@@ -25,6 +25,7 @@ __all__ = [
     "MAX_HEADERS",
     "MAX_HEAD_BYTES",
     "MAX_REQUEST_LINE",
+    "MESH_PREFIX",
     "USUAL_REQUEST",
     "USUAL_RESPONSE",
     "ChunkedScanner",
@@ -74,8 +75,9 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DECIDING = frozenset(
     {b"host", b"content-length", b"expect", b"x-forwarded-for", b"traceparent"}
 )
-#: Mesh fields (the mTLS hop's caller and destination): a local client may never set them.
-_MESH_PREFIX = b"hostmesh-"
+#: Mesh headers (the mTLS hop's source identity and destination); a local
+#: client may never set them.
+MESH_PREFIX = b"hostmesh-"
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # field-value: visible chars, obs-text, SP and HTAB; no CR, LF or other CTLs.
@@ -99,7 +101,7 @@ def _plain_field(excluded: frozenset[bytes]) -> bytes:
     with ``hostmesh-``. Names are grouped by first letter: sre tries alternatives one
     by one, so a line costs a test per first letter, not per name."""
     first: dict[bytes, list[bytes]] = {}
-    for name in sorted(excluded | {_MESH_PREFIX}):
+    for name in sorted(excluded | {MESH_PREFIX}):
         first.setdefault(name[:1], []).append(re.escape(name[1:]))
     names = b"|".join(c + b"(?:" + b"|".join(rest) + b")" for c, rest in first.items())
     return rb"(?!(?i:" + names + rb"))" + _TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
@@ -109,9 +111,10 @@ def _plain_field(excluded: frozenset[bytes]) -> bytes:
 #: a method other than HEAD, one Host (group 3) and no field the proxy acts on
 #: (framing, hop-by-hop, Expect, X-Forwarded-For, traceparent, mesh fields)
 #: but ``Connection: keep-alive`` as httpx, requests and Java write it. Such a
-#: head is forwarded as it came, without that line, plus two fields. What does not match
-#: takes :func:`parse_request_head` and the general path; a head this matches
-#: parses there to the same method, target and Host (tests/test_proxy_heads.py).
+#: head is forwarded as it came, without that line, plus two fields. What does
+#: not match takes :func:`parse_request_head` and the general path; a head this
+#: matches parses there to the same method, target and Host
+#: (tests/test_proxy_heads.py).
 _KEEP_ALIVE = rb"|Connection: keep-alive\r\n"
 _PLAIN_REQUEST_FIELD = _plain_field(HOP_BY_HOP | _REQUEST_DECIDING) + _KEEP_ALIVE
 USUAL_REQUEST = re.compile(

@@ -41,6 +41,7 @@ from ._http1 import (
     HOP_BY_HOP,
     MAX_HEAD_BYTES,
     MAX_REQUEST_LINE,
+    MESH_PREFIX,
     ChunkedScanner,
     Head,
     HttpError,
@@ -89,9 +90,6 @@ _PHRASES = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-#: Mesh headers (the mTLS hop's source identity and destination); a local
-#: client may never set them.
-_MESH_PREFIX = b"hostmesh-"
 #: Errors an inbound agent answers for the instance it was asked for (it is
 #: down or gone) that the calling agent handles as a failed try: retried on
 #: another instance and counted for ejection. (reason, the request reached it)
@@ -124,8 +122,8 @@ def _drop_pattern(names: Iterable[bytes], *extra: bytes) -> re.Pattern[bytes]:
 
 #: What a request head loses on its way upstream: hop-by-hop and mesh fields
 #: (and, in absolute form, Host); a response head: hop-by-hop fields.
-_REQUEST_DROP = _drop_pattern(HOP_BY_HOP, re.escape(_MESH_PREFIX) + rb"[^:]*+")
-_REQUEST_DROP_ABSOLUTE = _drop_pattern(HOP_BY_HOP | {b"host"}, re.escape(_MESH_PREFIX) + rb"[^:]*+")
+_REQUEST_DROP = _drop_pattern(HOP_BY_HOP, re.escape(MESH_PREFIX) + rb"[^:]*+")
+_REQUEST_DROP_ABSOLUTE = _drop_pattern(HOP_BY_HOP | {b"host"}, re.escape(MESH_PREFIX) + rb"[^:]*+")
 _RESPONSE_DROP = _drop_pattern(HOP_BY_HOP)
 _XFF = b"\r\nx-forwarded-for:"
 #: The one hop-by-hop line a usual head may have (:data:`~._http1.USUAL_REQUEST`).
@@ -622,7 +620,7 @@ class Proxy:
         xff: tuple[int, bytes] | None = None  # (index, value) of the last X-Forwarded-For
         trace = False
         for (name, value), line in zip(req.fields, req.lines, strict=True):
-            if name in drop or name.startswith(_MESH_PREFIX):
+            if name in drop or name.startswith(MESH_PREFIX):
                 continue
             if name == b"x-forwarded-for":
                 xff = (len(lines), value)  # the peer is appended to the last one only
@@ -783,27 +781,23 @@ class Proxy:
             if not whole:  # nothing usable was sent: a new try, as for a stale connection
                 self.pool.discard(upstream)
                 return await self._hand_over(client, dl, method, up_head, state, service, endpoint)
-            resp = out = None
             try:
                 await dl.wait(usock)
                 data = usock.recv(RECV_SIZE)
             except (OSError, DeadlineExceeded):
                 data = b""  # _forward meets the same again and handles it
             end = data.find(b"\r\n\r\n") + 4
-            if end > 3:
-                resp = usual_response(data, end)
+            resp = usual_response(data, end) if end > 3 else None
+            out = None  # the answer as _respond forwards it: without hop-by-hop lines
             if resp is not None:
                 status = int(resp.group(1))
-                length = int(resp.group(2))
-                if (
-                    len(data) != end + length
+                if not (
+                    len(data) != end + int(resp.group(2))  # the whole body, nothing more
                     or status == 204
                     or status == 304
                     or (status in route.retries.retry_statuses
                         and may_retry(method, body_replayable=True))
                 ):  # fmt: skip
-                    resp = None
-                else:  # as _respond forwards it: the head without hop-by-hop lines, the body
                     out = without_keep_alive(data, end)
             if out is None:
                 upstream.buf += data
