@@ -288,12 +288,18 @@ class GossipNode:
                     trio.lowlevel.checkpoint()
                 )  # a timer that fails to advance must not starve others
                 continue
+            received = None
             with trio.move_on_at(deadline):
-                data, addr = await self.transport.receive()
-                payload = self._open(data)
-                if payload is not None:
-                    await self._execute(swim.receive(payload, addr, trio.current_time()))
-                    self.on_change()
+                received = await self.transport.receive()
+            if received is None:
+                continue  # the next timer is due
+            # Handled outside the deadline's scope: a cancel in the middle would drop
+            # the packet's other outputs (a keyring answer after an ack: lost).
+            data, addr = received
+            payload = self._open(data)
+            if payload is not None:
+                await self._execute(swim.receive(payload, addr, trio.current_time()))
+                self.on_change()
 
     # --- push-pull ----------------------------------------------------------------------
 

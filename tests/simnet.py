@@ -50,8 +50,10 @@ class _LossyStream(trio.abc.Stream):
 
 
 class SimNetwork:
-    def __init__(self, *, latency: float = 0.001, loss: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, *, latency: float = 0.001, loss: float = 0.0, seed: int = 0,
+                 send_delay: float = 0.0) -> None:  # fmt: skip
         self.latency = latency
+        self.send_delay = send_delay  # s each send takes its sender, as on a loaded host
         self.loss = loss
         self.rng = random.Random(seed)
         self.members: dict[str, SimTransport] = {}
@@ -125,6 +127,8 @@ class SimTransport(Transport):
         self._nursery: trio.Nursery | None = None
 
     async def send(self, addr: str, data: bytes) -> None:
+        if self.net.send_delay:
+            await trio.sleep(self.net.send_delay)
         self.net.post(self.addr, addr, data)
 
     async def receive(self) -> tuple[bytes, str]:

@@ -346,3 +346,27 @@ async def test_a_tcp_ping_is_answered_only_for_its_own_member() -> None:
         assert await ask(Ping(78, "someone-else", "prober", "10.9.9.9:7946")) == b""
         assert target.swim.stats.get("dropped_wrong_target", 0) == 1
         nursery.cancel_scope.cancel()
+
+
+@trio_test(timeout=300, mock_clock=True)
+async def test_every_member_answers_a_keyring_request_when_sends_are_slow() -> None:
+    """A packet whose handling outlasts the next timer (slow sends, as on a loaded host)
+    still gets all of it done: the keyring answer behind an ack is not dropped."""
+    import base64
+
+    from hostmesh.catalog._messages import KeyringOp
+
+    net = SimNetwork(latency=0.002, seed=3, send_delay=0.08)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        members = []
+        for i in range(5):
+            m = await start_member(nursery, net, i, LAN, [members[0].addr] if members else [])
+            m.node.keyring = Keyring([bytes(range(32))])
+            members.append(m)
+        await wait_for(lambda: converged(members, 5), 60)
+        for n in range(1, 6):
+            key = base64.b64encode(bytes(range(n, n + 32))).decode()
+            answers, expected = await members[n % 5].node.keyring_operation(KeyringOp.INSTALL, key)
+            assert (expected, len(answers)) == (5, 5), n
+        nursery.cancel_scope.cancel()
