@@ -274,6 +274,12 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
     return -1 if i < 0 else i + 4
 
 
+def _field_count(data: bytes, end: int) -> int:
+    """Field lines of the head ``data[:end]`` (its CRLFs less the start line's and the blank
+    line's); heads up to :data:`_MIN_TOO_MANY` bytes need no count."""
+    return data.count(b"\r\n", 0, end) - 2
+
+
 def _check_fields(head: bytes, line_end: int) -> None:
     """Validate the field section of ``head`` (its lines, after the start line).
 
@@ -282,7 +288,7 @@ def _check_fields(head: bytes, line_end: int) -> None:
     """
     if _FIELDS.fullmatch(head, line_end + 2, len(head) - 2) is None:
         raise HttpError(400, "bad-header", "invalid header field (name, value or line folding)")
-    if head.count(b"\r\n", line_end + 2, len(head) - 2) > MAX_HEADERS:
+    if _field_count(head, len(head)) > MAX_HEADERS:
         raise HttpError(431, "headers-too-large", f"more than {MAX_HEADERS} header fields")
 
 
@@ -299,7 +305,7 @@ def parse_request_head(head: bytes) -> Head:
         raise HttpError(431, "headers-too-large", "request header section too large")
     m = _REQUEST_HEAD.fullmatch(head)
     if m is not None:
-        if len(head) > _MIN_TOO_MANY and head.count(b"\r\n", line_end + 2) - 1 > MAX_HEADERS:
+        if len(head) > _MIN_TOO_MANY and _field_count(head, len(head)) > MAX_HEADERS:
             raise HttpError(431, "headers-too-large", f"more than {MAX_HEADERS} header fields")
     else:
         m = _REQUEST_LINE.fullmatch(head, 0, line_end)
@@ -320,9 +326,7 @@ def parse_response_head(head: bytes) -> Head:
         raise HttpError(502, "bad-upstream-response", "upstream header section too large")
     line_end = head.find(b"\r\n")
     m = _RESPONSE_HEAD.fullmatch(head)
-    if m is None or (
-        len(head) > _MIN_TOO_MANY and head.count(b"\r\n", line_end + 2) - 1 > MAX_HEADERS
-    ):
+    if m is None or (len(head) > _MIN_TOO_MANY and _field_count(head, len(head)) > MAX_HEADERS):
         m = _STATUS_LINE.fullmatch(head, 0, line_end)
         if m is None:
             raise HttpError(502, "bad-upstream-response", "malformed upstream status line")
@@ -338,7 +342,7 @@ def usual_request(head: bytes) -> re.Match[bytes] | None:
     """:data:`USUAL_REQUEST`'s match of a whole request head, within the limits
     :func:`parse_request_head` enforces; None: parse it there."""
     if len(head) > _MIN_TOO_MANY and (
-        len(head) > MAX_REQUEST_LINE or head.count(b"\r\n") - 2 > MAX_HEADERS
+        len(head) > MAX_REQUEST_LINE or _field_count(head, len(head)) > MAX_HEADERS
     ):
         return None
     return USUAL_REQUEST.fullmatch(head)
@@ -347,9 +351,7 @@ def usual_request(head: bytes) -> re.Match[bytes] | None:
 def usual_response(data: bytes, end: int) -> re.Match[bytes] | None:
     """:data:`USUAL_RESPONSE`'s match of the head ``data[:end]`` (``end`` just past its
     blank line), within :func:`parse_response_head`'s limits; None: parse it there."""
-    if end > _MIN_TOO_MANY and (
-        end > MAX_HEAD_BYTES or data.count(b"\r\n", 0, end) - 2 > MAX_HEADERS
-    ):
+    if end > _MIN_TOO_MANY and (end > MAX_HEAD_BYTES or _field_count(data, end) > MAX_HEADERS):
         return None
     return USUAL_RESPONSE.fullmatch(data, 0, end)
 

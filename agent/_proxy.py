@@ -426,11 +426,7 @@ class Proxy:
             while True:
                 head = None
                 inline = plain and not (first or client.buf or self.draining)
-                if not inline:
-                    head = await self._read_head(client, dl, first)
-                    if head is None:
-                        return
-                else:
+                if inline:
                     # The usual keep-alive wait after an answer, inline (_read_head's
                     # first round): the next request usually comes in one read.
                     dl.set(self.timer.now() + idle_timeout)
@@ -451,15 +447,14 @@ class Proxy:
                             data = None  # woken without data: _read_head waits again
                         if data == b"":
                             return  # the client is done
-                        if data is not None:
-                            if data.find(b"\r\n\r\n") == len(data) - 4:
-                                head = data  # one whole head, nothing after it
-                            else:
-                                client.buf += data
+                        if data is not None and data.find(b"\r\n\r\n") == len(data) - 4:
+                            head = data  # one whole head, nothing after it
+                        elif data is not None:
+                            client.buf += data
+                if head is None:  # anything else, and the rest of a head begun above
+                    head = await self._read_head(client, dl, first)
                     if head is None:
-                        head = await self._read_head(client, dl, first)
-                        if head is None:
-                            return
+                        return
                 first = False
                 keep = await self._express(client, dl, head, conn) if self.mesh is None else None
                 if keep is None:
