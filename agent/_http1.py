@@ -348,12 +348,18 @@ def usual_request(head: bytes) -> re.Match[bytes] | None:
     return USUAL_REQUEST.fullmatch(head)
 
 
-def usual_response(data: bytes, end: int) -> re.Match[bytes] | None:
-    """:data:`USUAL_RESPONSE`'s match of the head ``data[:end]`` (``end`` just past its
-    blank line), within :func:`parse_response_head`'s limits; None: parse it there."""
-    if end > _MIN_TOO_MANY and (end > MAX_HEAD_BYTES or _field_count(data, end) > MAX_HEADERS):
+def usual_response(data: bytes) -> re.Match[bytes] | None:
+    """:data:`USUAL_RESPONSE`'s match of the head ``data`` starts with (its ``end()`` just
+    past the blank line), within :func:`parse_response_head`'s limits; None: parse it
+    there."""
+    m = USUAL_RESPONSE.match(data)
+    if (
+        m is not None
+        and (end := m.end()) > _MIN_TOO_MANY
+        and (end > MAX_HEAD_BYTES or _field_count(data, end) > MAX_HEADERS)
+    ):
         return None
-    return USUAL_RESPONSE.fullmatch(data, 0, end)
+    return m
 
 
 #: Body framing: ("length", n), ("chunked", 0), ("close", 0) (response only), ("none", 0)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
+import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,7 +55,7 @@ from ._http1 import (
 from ._loop import Loop, checkpoint, to_trio
 from ._pool import CHECKPOINT_EVERY, RECV_SIZE, ConnectError, Pool, Stream, connect
 from ._resilience import REPLAY_BUFFER, may_retry
-from ._routing import Endpoint, Router
+from ._routing import Endpoint, Lane, Router
 
 if TYPE_CHECKING:
     from hostmesh._routes import Route
@@ -109,7 +109,6 @@ DRAIN_IDLE_GRACE = 1.0
 #: Distinct Host values whose service name is remembered (a client sending
 #: random ones only fills it once).
 _HOSTS_CACHED = 4096
-_random_bits = random.Random().getrandbits
 _TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -171,15 +170,55 @@ def _one_valid_trace(req: Head) -> bool:
     return len(values) == 1 and _TRACEPARENT.fullmatch(values[0]) is not None
 
 
-def _new_traceparent() -> bytes:
-    """A ``traceparent`` field line (with the CRLF before it) starting a new trace.
+class _TraceLines:
+    """New ``traceparent`` field lines (each with the CRLF before it), made
+    :data:`TRACE_BATCH` at a time.
 
-    The ids come from a Mersenne Twister seeded by the OS: W3C Trace Context
-    asks for random ids, not secret ones, and one call costs a third of
-    ``os.urandom``'s system call. An all-zero id, which the format forbids, is
-    replaced by 1.
+    One batch is one ``os.urandom`` call, spread into copies of the line
+    with one slice assignment per hex digit position, so that a request pays
+    for one slice instead of formatting two numbers (a third of the
+    express lane's routing cost). A batch holding an all-zero trace or
+    parent id, which the format forbids (a chance of 2^-64 per line), is
+    drawn again.
     """
-    return b"\r\ntraceparent: 00-%032x-%016x-01" % (_random_bits(128) or 1, _random_bits(64) or 1)
+
+    __slots__ = ("_at", "_lines")
+
+    _PREFIX = b"\r\ntraceparent: 00-"
+    _LINE = _PREFIX + b"0" * 32 + b"-" + b"0" * 16 + b"-01"
+    #: where the 48 hex digits (trace id, then parent id) sit in _LINE
+    _DIGITS = tuple(range(len(_PREFIX), len(_PREFIX) + 32)) + tuple(
+        range(len(_PREFIX) + 33, len(_PREFIX) + 49)
+    )
+
+    def __init__(self) -> None:
+        self._lines = b""
+        self._at = 0  # the next line ends here; 0: the batch is used up
+
+    def take(self) -> bytes:
+        at = self._at
+        if at == 0:
+            self._lines = self._batch()
+            at = len(self._lines)
+        self._at = at = at - len(self._LINE)
+        return self._lines[at : at + len(self._LINE)]
+
+    def _batch(self) -> bytes:
+        step = len(self._LINE)
+        while True:
+            digits = os.urandom(24 * TRACE_BATCH).hex().encode()
+            lines = bytearray(self._LINE * TRACE_BATCH)
+            for i, at in enumerate(self._DIGITS):
+                lines[at::step] = digits[i::48]
+            if b"-" + b"0" * 32 + b"-" not in lines and b"-" + b"0" * 16 + b"-01" not in lines:
+                return bytes(lines)
+
+
+#: traceparent lines made per os.urandom call.
+TRACE_BATCH = 512
+#: A ``traceparent`` field line (with the CRLF before it) starting a new trace:
+#: random ids, as W3C Trace Context asks.
+_new_traceparent = _TraceLines().take
 
 
 def _head_tail(req: Head, *, chunked: bool, upgrade: bool) -> bytes:
@@ -421,7 +460,8 @@ class Proxy:
             if client is None:
                 return
             idle_timeout = self.config.idle_timeout
-            plain = type(client) is Stream  # not TLS: its socket is read directly
+            plain = type(client) is Stream  # not TLS: its socket is read and written directly
+            express = plain and self.mesh is None
             first = True
             while True:
                 head = None
@@ -456,7 +496,7 @@ class Proxy:
                     if head is None:
                         return
                 first = False
-                keep = await self._express(client, dl, head, conn) if self.mesh is None else None
+                keep = await self._express(client, dl, head, conn) if express else None
                 if keep is None:
                     keep = await self._exchange(client, dl, head, conn)
                 if not keep:
@@ -732,41 +772,39 @@ class Proxy:
         such a message, in fewer calls. The first step that finds anything else
         hands over: before routing, to :meth:`_exchange`; after it, to
         :meth:`_forward`, where the request is in the middle of its first try.
-        Used without the mesh only (no caller identity or intentions).
+        Used without the mesh only (no caller identity or intentions), for a plain
+        (not TLS) ``client``.
         """
         m = usual_request(head)
         if m is None:
             return None
-        method, path, host = m.group(1, 2, 3)
+        method, host = m.group(1, 3)
         known = self._hosts.get(host)
         if known is None:
             return None  # its first request: _destination reads and caches the name
-        kept = without_keep_alive(head, len(head))
+        kept = head if head.find(_KEEP_ALIVE_LINE) < 0 else without_keep_alive(head, len(head))
         if kept is None:
             return None
         service, name = known
+        lane = self.router.lane(name)
+        if lane is None:
+            return None  # routes to match, or no such service: _exchange
         now = self._clock()
-        try:
-            state = self.router.route(name, method, path, lambda: parse_request_head(head).fields,
-                                      now)  # fmt: skip
-        except HttpError:
-            return None  # answered by _exchange
-        try:
-            state.admit(now)
-        except HttpError as exc:
-            return await self._refuse_request(client, dl, exc, "none", 0, False)
+        endpoint = lane.begin(now)
+        if endpoint is None:
+            return None  # refused, or no instance to take it at once: _exchange
+        held = True  # lane.end (or the general path, once handed over) releases the request
         try:
             up_head = kept[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
-            route = state.route
+            route = lane.route
             timer_now = self.timer.now()
             try_deadline = timer_now + route.timeout if route.timeout > 0 else math.inf
             if route.per_try_timeout > 0:
                 try_deadline = min(try_deadline, timer_now + route.per_try_timeout)
-            state.deposit(now)
-            endpoint = state.pick(_NOT_TRIED, now)
             upstream = self.pool.take_idle(endpoint.key, now, peek=False)
             if upstream is None:
-                return await self._hand_over(client, dl, method, up_head, state, service, endpoint)
+                held = False
+                return await self._hand_over(client, dl, method, up_head, lane, service, endpoint)
             dl.set(try_deadline)
             usock = upstream.sock
             try:
@@ -775,17 +813,18 @@ class Proxy:
                 whole = False
             if not whole:  # nothing usable was sent: a new try, as for a stale connection
                 self.pool.discard(upstream)
-                return await self._hand_over(client, dl, method, up_head, state, service, endpoint)
+                held = False
+                return await self._hand_over(client, dl, method, up_head, lane, service, endpoint)
             try:
                 await dl.wait(usock)
                 data = usock.recv(RECV_SIZE)
             except (OSError, DeadlineExceeded):
                 data = b""  # _forward meets the same again and handles it
-            end = data.find(b"\r\n\r\n") + 4
-            resp = usual_response(data, end) if end > 3 else None
+            resp = usual_response(data)
             out = None  # the answer as _respond forwards it: without hop-by-hop lines
             if resp is not None:
                 status = int(resp.group(1))
+                end = resp.end()
                 if not (
                     len(data) != end + int(resp.group(2))  # the whole body, nothing more
                     or status == 204
@@ -796,17 +835,23 @@ class Proxy:
                     out = without_keep_alive(data, end)
             if out is None:
                 upstream.buf += data
-                return await self._hand_over(client, dl, method, up_head, state, service, endpoint,
+                held = False
+                return await self._hand_over(client, dl, method, up_head, lane, service, endpoint,
                                              upstream)  # fmt: skip
             done = self._clock()
-            state.finish(endpoint, status < 500, done - now, done)
+            held = False
+            lane.end(endpoint, status, done - now, done)
             if self.draining:
                 cut = out.find(b"\r\n\r\n") + 2
                 out = out[:cut] + b"Connection: close\r\n" + out[cut:]
             dl.after(self.config.idle_timeout)
-            state.count_response(status, done - now)
             try:
-                await client.send(out, dl)
+                try:
+                    sent = client.sock.send(out)
+                except BlockingIOError:
+                    sent = 0
+                if sent != len(out):  # a full socket buffer: Stream.send waits for the rest
+                    await client.send(memoryview(out)[sent:], dl)
             except DeadlineExceeded:
                 self.pool.discard(upstream)
                 self._refuse("body-timeout")
@@ -817,16 +862,22 @@ class Proxy:
             self.pool.release(upstream, done)
             return not self.draining
         finally:
-            state.release()
+            if held:  # ended by an exception (the loop closing): as _exchange's release
+                lane.release()
 
-    def _hand_over(self, client: Stream, dl: Deadline, method: bytes, head: bytes,
-                   state: RouteLike, service: bytes, endpoint: Endpoint,
-                   sent: Stream | None = None) -> Awaitable[bool]:  # fmt: skip
+    async def _hand_over(self, client: Stream, dl: Deadline, method: bytes, head: bytes,
+                         lane: Lane, service: bytes, endpoint: Endpoint,
+                         sent: Stream | None = None) -> bool:  # fmt: skip
         """:meth:`_forward` for an express request past routing: ``endpoint`` is picked,
         and the request was ``sent`` to it on that connection if one is given."""
-        return self._forward(client, dl, method, head, state, b"", "none", 0, client_close=False,
-                             upgrade=False, expect=False, hop=(b"", service), picked=endpoint,
-                             sent=sent)  # fmt: skip
+        state = lane.state()
+        try:
+            return await self._forward(client, dl, method, head, state, b"", "none", 0,
+                                       client_close=False, upgrade=False, expect=False,
+                                       hop=(b"", service), picked=endpoint,
+                                       sent=sent)  # fmt: skip
+        finally:
+            state.release()
 
     async def _read_small_body(self, client: Stream, dl: Deadline, length: int) -> None:
         """Read until ``client.buf`` holds ``length`` bytes, within ``idle_timeout``.

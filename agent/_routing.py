@@ -39,7 +39,7 @@ from hostmesh.catalog import Catalog, Health
 from hostmesh.catalog._model import DEFAULT_INBOUND_PORT, EXTERNAL_META, INBOUND_PORT_META
 from hostmesh.catalog._query import InstanceView, service_instances
 
-from ._balancer import StatsTable, pick
+from ._balancer import EndpointStats, StatsTable, pick
 from ._http1 import HttpError
 from ._resilience import (
     ConcurrencyLimit,
@@ -50,10 +50,13 @@ from ._resilience import (
 )
 from ._zone import ZoneConfig, ZonePlan, capacity_per_az, plan_zones
 
-__all__ = ["Endpoint", "RouteState", "Router", "RoutingSnapshot", "build_snapshot"]
+__all__ = ["Endpoint", "Lane", "RouteState", "Router", "RoutingSnapshot", "build_snapshot"]
 
 #: Latency histogram bounds (s): the proxy's own overhead is sub-millisecond,
 #: so the buckets start at 0.5 ms (Prometheus' defaults start at 5 ms).
+#: Services whose lanes are remembered per snapshot (unknown names asked for
+#: are remembered as None, up to this many).
+_LANES_CACHED = 4096
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -251,6 +254,14 @@ class _ServiceRuntime:
         self.outlier.set_instances(ids)
         self.instance_requests.clear()  # children stay in the registry; this is a cache
 
+    def instance_counter(self, router: Router, svc: ServiceSnapshot, e: Endpoint) -> CounterChild:
+        """``e``'s attempts counter (looked up once per snapshot)."""
+        counter = self.instance_requests.get(e.uid)
+        if counter is None:
+            counter = self.instance_requests[e.uid] = router.metrics.instance_requests.labels(
+                svc.name, e.node, e.id)  # fmt: skip
+        return counter
+
 
 def _outlier_config(policy: TrafficPolicy) -> OutlierConfig:
     o = policy.outlier
@@ -306,6 +317,7 @@ class Router:
         self.metrics = TrafficMetrics(registry)
         self.rng = rng or random.Random()
         self._runtime: dict[str, _ServiceRuntime] = {}
+        self._lanes: dict[str, Lane | None] = {}  # for this snapshot (None: no lane)
         self.tcp: dict[str, dict[str, int]] = {}  # service -> TCP upstream counters
 
     def update(self, snapshot: RoutingSnapshot) -> None:
@@ -320,6 +332,26 @@ class Router:
         for name in [n for n in self._runtime if n not in snapshot.services]:
             del self._runtime[name]
         self.snapshot = snapshot
+        for lane in self._lanes.values():
+            if lane is not None:  # requests still using it end the general way
+                lane.stale = True
+        self._lanes = {}
+
+    def lane(self, service: str) -> Lane | None:
+        """The :class:`Lane` of ``service`` when its policy has no routes (None: unknown
+        service, or routes to match: :meth:`route`)."""
+        try:
+            return self._lanes[service]
+        except KeyError:
+            pass
+        svc = self.snapshot.services.get(service)
+        lane = None
+        if svc is not None and not svc.policy.routes:
+            rt = self._runtime[service]
+            lane = Lane(self, svc, rt, self._series(rt, service, DEFAULT_ROUTE.name))
+        if len(self._lanes) < _LANES_CACHED:
+            self._lanes[service] = lane
+        return lane
 
     def runtime(self, service: str) -> _ServiceRuntime | None:
         return self._runtime.get(service)
@@ -457,16 +489,7 @@ class RouteState:
                 subset = subsets[target]
         if subset is None or not (subset.healthy or subset.all):
             raise HttpError(503, "no-healthy-instance", f"{svc.name} has no healthy instance")
-        plan = subset.plan
-        if plan is None:
-            candidates = subset.all
-        else:
-            candidates = subset.healthy
-            r = rng.random()  # drawn whether or not the plan filters: seeded picks stay put
-            if subset.zoned:
-                zone = plan.pick_zone(r)
-                if zone is not None:
-                    candidates = subset.by_zone.get(zone) or candidates
+        candidates = _zone_candidates(subset, rng)
         if tried or outlier.any_ejected(now):
             fresh = [e for e in candidates
                      if e.uid not in tried and not outlier.is_ejected(e.uid, now)]  # fmt: skip
@@ -479,14 +502,9 @@ class RouteState:
         if len(fresh) == 1:
             chosen = fresh[0]
         else:
-            chosen = pick(fresh, lambda e: stats.get(e.uid), lambda e: e.weight or 1.0, rng, now)
+            chosen = pick(fresh, lambda e: stats.get(e.uid), _weight, rng, now)
         stats.get(chosen.uid).start(now)
-        counter = rt.instance_requests.get(chosen.uid)
-        if counter is None:
-            counter = rt.instance_requests[chosen.uid] = (
-                self._router.metrics.instance_requests.labels(svc.name, chosen.node, chosen.id)
-            )
-        counter.inc()
+        rt.instance_counter(self._router, svc, chosen).inc()
         return chosen
 
     def finish(self, endpoint: Endpoint, ok: bool, latency: float, now: float) -> None:
@@ -506,3 +524,111 @@ class RouteState:
         series = self._series
         series.response(status).inc()
         series.latency.observe(duration)
+
+
+def _zone_candidates(subset: _Subset, rng: random.Random) -> tuple[Endpoint, ...]:
+    """The instances of ``subset`` the zone plan allows for one pick (all in panic)."""
+    plan = subset.plan
+    if plan is None:
+        return subset.all
+    r = rng.random()  # drawn whether or not the plan filters: seeded picks stay put
+    if subset.zoned:
+        zone = plan.pick_zone(r)
+        if zone is not None:
+            return subset.by_zone.get(zone) or subset.healthy
+    return subset.healthy
+
+
+def _weight(e: Endpoint) -> float:
+    return e.weight or 1.0
+
+
+class Lane:
+    """The usual request to one service whose policy has no routes (the default route)
+    in two calls: :meth:`begin` does what :meth:`Router.route`, :meth:`RouteState.admit`,
+    :meth:`~RouteState.deposit` and :meth:`~RouteState.pick` do, :meth:`end` what
+    :meth:`~RouteState.finish`, :meth:`~RouteState.count_response` and
+    :meth:`~RouteState.release` do, with the same effects (counters, limits, budget,
+    balancer stats and random draws) and fewer calls: the proxy's express lane
+    takes one per request.
+
+    Made by :meth:`Router.lane` for the current snapshot; a request keeps its lane
+    to the end, as it keeps a :class:`RouteState`.
+    """
+
+    __slots__ = ("_loads", "_router", "_rt", "_series", "_subset", "route", "stale", "svc")
+
+    def __init__(self, router: Router, svc: ServiceSnapshot, rt: _ServiceRuntime,
+                 series: _RouteSeries) -> None:  # fmt: skip
+        self._router = router
+        self.svc = svc
+        self._rt = rt
+        self._series = series
+        self.route = DEFAULT_ROUTE
+        target = DEFAULT_ROUTE.targets[0]
+        subset = svc.subsets.get(target) if target.weight else None
+        self._subset = subset if subset is not None and (subset.healthy or subset.all) else None
+        # uid -> (balancer stats, attempts counter): pick's two lookups in one
+        self._loads: dict[str, tuple[EndpointStats, CounterChild]] = {}
+        #: A newer snapshot came (its update may have dropped and remade stats).
+        self.stale = False
+
+    def begin(self, now: float) -> Endpoint | None:
+        """Route, admit, count and pick for one request; None (and nothing done) when
+        the general path must: no usable instance, an ejection in force, or a limit
+        refusing (the general path refuses and counts it)."""
+        rt = self._rt
+        subset = self._subset
+        if subset is None or rt.outlier.any_ejected(now):
+            return None
+        limit = rt.limit
+        if not limit.try_acquire():
+            return None
+        bucket = rt.bucket
+        if bucket is not None and not bucket.try_take(now):
+            limit.release()
+            return None
+        self._series.requests.inc()
+        rt.budget.deposit(now)
+        rng = self._router.rng
+        rng.random()  # pick's target draw (one target: its value is not needed)
+        candidates = _zone_candidates(subset, rng)
+        if len(candidates) == 1:
+            chosen = candidates[0]
+        else:
+            chosen = pick(candidates, lambda e: rt.stats.get(e.uid), _weight, rng, now)
+        load = self._loads.get(chosen.uid)
+        if load is None:
+            counter = rt.instance_counter(self._router, self.svc, chosen)
+            load = self._loads[chosen.uid] = (rt.stats.get(chosen.uid), counter)
+        load[0].outstanding += 1  # EndpointStats.start
+        load[1].inc()
+        return chosen
+
+    def end(self, endpoint: Endpoint, status: int, latency: float, now: float) -> None:
+        """The request :meth:`begin` picked ``endpoint`` for got ``status`` from it."""
+        if status >= 500 or self.stale:  # the general accounting (failures, ejection)
+            state = self.state()
+            state.finish(endpoint, status < 500, latency, now)
+            state.count_response(status, latency)
+            state.release()
+            return
+        rt = self._rt
+        self._loads[endpoint.uid][0].finish(now, latency, True)
+        rt.outlier.record(endpoint.uid, True, now)
+        series = self._series
+        series.response(status).inc()
+        series.latency.observe(latency)
+        rt.limit.release()
+
+    def release(self) -> None:
+        """End the request :meth:`begin` started without an answer (as
+        :meth:`RouteState.release` does): its concurrency slot is given back."""
+        self._rt.limit.release()
+
+    def state(self) -> RouteState:
+        """The request :meth:`begin` started, as a :class:`RouteState` (admitted) for the
+        general path to carry on with (retries, failures); it releases it."""
+        state = RouteState(self._router, self.svc, self._rt, DEFAULT_ROUTE, self._series)
+        state._admitted = True
+        return state
