@@ -245,7 +245,9 @@ class Pool:
     def release(self, conn: Stream, now: float) -> None:
         """Give back a connection that finished a response cleanly."""
         assert conn.key is not None
-        idle = self._idle.setdefault(conn.key, deque())
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = deque()
         if len(idle) >= self.max_idle or conn.buf or conn.eof:
             self.discard(conn)
             return

@@ -796,11 +796,7 @@ class Proxy:
         held = True  # lane.end (or the general path, once handed over) releases the request
         try:
             up_head = kept[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
-            route = lane.route
-            timer_now = self.timer.now()
-            try_deadline = timer_now + route.timeout if route.timeout > 0 else math.inf
-            if route.per_try_timeout > 0:
-                try_deadline = min(try_deadline, timer_now + route.per_try_timeout)
+            try_deadline = self.timer.now() + lane.first_try
             upstream = self.pool.take_idle(endpoint.key, now, peek=False)
             if upstream is None:
                 held = False
@@ -829,7 +825,7 @@ class Proxy:
                     len(data) != end + int(resp.group(2))  # the whole body, nothing more
                     or status == 204
                     or status == 304
-                    or (status in route.retries.retry_statuses
+                    or (status in lane.route.retries.retry_statuses
                         and may_retry(method, body_replayable=True))
                 ):  # fmt: skip
                     out = without_keep_alive(data, end)
@@ -844,13 +840,13 @@ class Proxy:
             if self.draining:
                 cut = out.find(b"\r\n\r\n") + 2
                 out = out[:cut] + b"Connection: close\r\n" + out[cut:]
-            dl.after(self.config.idle_timeout)
             try:
                 try:
                     sent = client.sock.send(out)
                 except BlockingIOError:
                     sent = 0
                 if sent != len(out):  # a full socket buffer: Stream.send waits for the rest
+                    dl.after(self.config.idle_timeout)  # (the next wait sets its own)
                     await client.send(memoryview(out)[sent:], dl)
             except DeadlineExceeded:
                 self.pool.discard(upstream)

@@ -20,6 +20,7 @@ Picking an instance for a request (:meth:`RouteState.pick`):
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -556,7 +557,8 @@ class Lane:
     to the end, as it keeps a :class:`RouteState`.
     """
 
-    __slots__ = ("_loads", "_router", "_rt", "_series", "_subset", "route", "stale", "svc")
+    __slots__ = ("_loads", "_router", "_rt", "_series", "_subset", "first_try", "route", "stale",
+                 "svc")  # fmt: skip
 
     def __init__(self, router: Router, svc: ServiceSnapshot, rt: _ServiceRuntime,
                  series: _RouteSeries) -> None:  # fmt: skip
@@ -564,7 +566,10 @@ class Lane:
         self.svc = svc
         self._rt = rt
         self._series = series
-        self.route = DEFAULT_ROUTE
+        self.route = route = DEFAULT_ROUTE
+        #: s the first try may take: the route's total or per-try timeout, the sooner
+        total = route.timeout if route.timeout > 0 else math.inf
+        self.first_try = min(total, route.per_try_timeout if route.per_try_timeout > 0 else total)
         target = DEFAULT_ROUTE.targets[0]
         subset = svc.subsets.get(target) if target.weight else None
         self._subset = subset if subset is not None and (subset.healthy or subset.all) else None
@@ -592,7 +597,13 @@ class Lane:
         rt.budget.deposit(now)
         rng = self._router.rng
         rng.random()  # pick's target draw (one target: its value is not needed)
-        candidates = _zone_candidates(subset, rng)
+        if subset.zoned:
+            candidates = _zone_candidates(subset, rng)
+        elif subset.plan is not None:  # _zone_candidates without a zone to choose, inline
+            rng.random()
+            candidates = subset.healthy
+        else:
+            candidates = subset.all
         if len(candidates) == 1:
             chosen = candidates[0]
         else:
