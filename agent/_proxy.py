@@ -819,10 +819,11 @@ class Proxy:
             resp = usual_response(data)
             out = None  # the answer as _respond forwards it: without hop-by-hop lines
             if resp is not None:
-                status = int(resp.group(1))
+                code, length = resp.group(1, 2)
+                status = int(code)
                 end = resp.end()
                 if not (
-                    len(data) != end + int(resp.group(2))  # the whole body, nothing more
+                    len(data) != end + int(length)  # the whole body, nothing more
                     or status == 204
                     or status == 304
                     or (status in lane.route.retries.retry_statuses

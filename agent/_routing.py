@@ -628,7 +628,7 @@ class Lane:
         self._loads[endpoint.uid][0].finish(now, latency, True)
         rt.outlier.record(endpoint.uid, True, now)
         series = self._series
-        series.response(status).inc()
+        (series.responses[status // 100] or series.response(status)).inc()
         series.latency.observe(latency)
         rt.limit.release()
 

@@ -144,6 +144,12 @@ def test_hosts_see_each_other_lose_a_cut_host_and_get_it_back(
     # Heal it: reconnects and refutations bring h3 back everywhere.
     link(3, "up")
     wait_until(lambda: all(passing_nodes(i) == everyone for i in range(1, HOSTS + 1)), 60)
-    members = json.loads(in_ns(host(1), "curl", "-sf",
-                               "http://127.0.0.1:4191/v1/agent/members").stdout)  # fmt: skip
-    assert {m["Name"]: m["State"] for m in members} == dict.fromkeys(everyone, "alive")
+
+    # ...and every member is alive again in h1's member list. A probe answered
+    # late on the loaded CI machine can leave a member suspect for a moment
+    # (seen once: h2, never cut, right after the heal); it must refute that.
+    def members() -> dict[str, str]:
+        out = in_ns(host(1), "curl", "-sf", "http://127.0.0.1:4191/v1/agent/members")
+        return {m["Name"]: m["State"] for m in json.loads(out.stdout or "[]")}
+
+    wait_until(lambda: members() == dict.fromkeys(everyone, "alive"), 20)
