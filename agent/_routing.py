@@ -617,7 +617,11 @@ class Lane:
         return chosen
 
     def end(self, endpoint: Endpoint, status: int, latency: float, now: float) -> None:
-        """The request :meth:`begin` picked ``endpoint`` for got ``status`` from it."""
+        """The request :meth:`begin` picked ``endpoint`` for got ``status`` from it.
+
+        Its concurrency slot is given back here, with the upstream's whole answer in
+        hand; the general path gives it back after writing to the client.
+        """
         if status >= 500 or self.stale:  # the general accounting (failures, ejection)
             state = self.state()
             state.finish(endpoint, status < 500, latency, now)
