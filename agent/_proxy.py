@@ -170,6 +170,10 @@ def _one_valid_trace(req: Head) -> bool:
     return len(values) == 1 and _TRACEPARENT.fullmatch(values[0]) is not None
 
 
+#: traceparent lines made per os.urandom call.
+TRACE_BATCH = 512
+
+
 class _TraceLines:
     """New ``traceparent`` field lines (each with the CRLF before it), made
     :data:`TRACE_BATCH` at a time.
@@ -214,8 +218,6 @@ class _TraceLines:
                 return bytes(lines)
 
 
-#: traceparent lines made per os.urandom call.
-TRACE_BATCH = 512
 #: A ``traceparent`` field line (with the CRLF before it) starting a new trace:
 #: random ids, as W3C Trace Context asks.
 _new_traceparent = _TraceLines().take
@@ -782,7 +784,7 @@ class Proxy:
         known = self._hosts.get(host)
         if known is None:
             return None  # its first request: _destination reads and caches the name
-        kept = head if head.find(_KEEP_ALIVE_LINE) < 0 else without_keep_alive(head, len(head))
+        kept = without_keep_alive(head, len(head))
         if kept is None:
             return None
         service, name = known
@@ -793,74 +795,68 @@ class Proxy:
         endpoint = lane.begin(now)
         if endpoint is None:
             return None  # refused, or no instance to take it at once: _exchange
-        held = True  # lane.end (or the general path, once handed over) releases the request
+        up_head = kept[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
+        try_deadline = self.timer.now() + lane.first_try
+        upstream = self.pool.take_idle(endpoint.key, now, peek=False)
+        if upstream is None:
+            return await self._hand_over(client, dl, method, up_head, lane, service, endpoint)
+        dl.set(try_deadline)
+        usock = upstream.sock
         try:
-            up_head = kept[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
-            try_deadline = self.timer.now() + lane.first_try
-            upstream = self.pool.take_idle(endpoint.key, now, peek=False)
-            if upstream is None:
-                held = False
-                return await self._hand_over(client, dl, method, up_head, lane, service, endpoint)
-            dl.set(try_deadline)
-            usock = upstream.sock
+            whole = usock.send(up_head) == len(up_head)
+        except OSError:  # reset while idle, or a full buffer (not on an idle connection)
+            whole = False
+        if not whole:  # nothing usable was sent: a new try, as for a stale connection
+            self.pool.discard(upstream)
+            return await self._hand_over(client, dl, method, up_head, lane, service, endpoint)
+        try:
+            await dl.wait(usock)
+            data = usock.recv(RECV_SIZE)
+        except (OSError, DeadlineExceeded):
+            data = b""  # _forward meets the same again and handles it
+        except BaseException:  # the loop closing us: the lane's only wait before end()
+            lane.release()
+            raise
+        resp = usual_response(data)
+        out = None  # the answer as _respond forwards it: without hop-by-hop lines
+        if resp is not None:
+            code, length = resp.group(1, 2)
+            status = int(code)
+            end = resp.end()
+            if not (
+                len(data) != end + int(length)  # the whole body, nothing more
+                or status == 204
+                or status == 304
+                or (status in lane.route.retries.retry_statuses
+                    and may_retry(method, body_replayable=True))
+            ):  # fmt: skip
+                out = without_keep_alive(data, end)
+        if out is None:
+            upstream.buf += data
+            return await self._hand_over(client, dl, method, up_head, lane, service, endpoint,
+                                         upstream)  # fmt: skip
+        done = self._clock()
+        lane.end(endpoint, status, done - now, done)
+        if self.draining:
+            cut = out.find(b"\r\n\r\n") + 2
+            out = out[:cut] + b"Connection: close\r\n" + out[cut:]
+        try:
             try:
-                whole = usock.send(up_head) == len(up_head)
-            except OSError:  # reset while idle, or a full buffer (not on an idle connection)
-                whole = False
-            if not whole:  # nothing usable was sent: a new try, as for a stale connection
-                self.pool.discard(upstream)
-                held = False
-                return await self._hand_over(client, dl, method, up_head, lane, service, endpoint)
-            try:
-                await dl.wait(usock)
-                data = usock.recv(RECV_SIZE)
-            except (OSError, DeadlineExceeded):
-                data = b""  # _forward meets the same again and handles it
-            resp = usual_response(data)
-            out = None  # the answer as _respond forwards it: without hop-by-hop lines
-            if resp is not None:
-                code, length = resp.group(1, 2)
-                status = int(code)
-                end = resp.end()
-                if not (
-                    len(data) != end + int(length)  # the whole body, nothing more
-                    or status == 204
-                    or status == 304
-                    or (status in lane.route.retries.retry_statuses
-                        and may_retry(method, body_replayable=True))
-                ):  # fmt: skip
-                    out = without_keep_alive(data, end)
-            if out is None:
-                upstream.buf += data
-                held = False
-                return await self._hand_over(client, dl, method, up_head, lane, service, endpoint,
-                                             upstream)  # fmt: skip
-            done = self._clock()
-            held = False
-            lane.end(endpoint, status, done - now, done)
-            if self.draining:
-                cut = out.find(b"\r\n\r\n") + 2
-                out = out[:cut] + b"Connection: close\r\n" + out[cut:]
-            try:
-                try:
-                    sent = client.sock.send(out)
-                except BlockingIOError:
-                    sent = 0
-                if sent != len(out):  # a full socket buffer: Stream.send waits for the rest
-                    dl.after(self.config.idle_timeout)  # (the next wait sets its own)
-                    await client.send(memoryview(out)[sent:], dl)
-            except DeadlineExceeded:
-                self.pool.discard(upstream)
-                self._refuse("body-timeout")
-                return False
-            except BaseException:
-                self.pool.discard(upstream)
-                raise
-            self.pool.release(upstream, done)
-            return not self.draining
-        finally:
-            if held:  # ended by an exception (the loop closing): as _exchange's release
-                lane.release()
+                sent = client.sock.send(out)
+            except BlockingIOError:
+                sent = 0
+            if sent != len(out):  # a full socket buffer: Stream.send waits for the rest
+                dl.after(self.config.idle_timeout)  # (the next wait sets its own)
+                await client.send(memoryview(out)[sent:], dl)
+        except DeadlineExceeded:
+            self.pool.discard(upstream)
+            self._refuse("body-timeout")
+            return False
+        except BaseException:
+            self.pool.discard(upstream)
+            raise
+        self.pool.release(upstream, done)
+        return not self.draining
 
     async def _hand_over(self, client: Stream, dl: Deadline, method: bytes, head: bytes,
                          lane: Lane, service: bytes, endpoint: Endpoint,

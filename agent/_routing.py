@@ -53,11 +53,11 @@ from ._zone import ZoneConfig, ZonePlan, capacity_per_az, plan_zones
 
 __all__ = ["Endpoint", "Lane", "RouteState", "Router", "RoutingSnapshot", "build_snapshot"]
 
-#: Latency histogram bounds (s): the proxy's own overhead is sub-millisecond,
-#: so the buckets start at 0.5 ms (Prometheus' defaults start at 5 ms).
 #: Services whose lanes are remembered per snapshot (unknown names asked for
 #: are remembered as None, up to this many).
 _LANES_CACHED = 4096
+#: Latency histogram bounds (s): the proxy's own overhead is sub-millisecond,
+#: so the buckets start at 0.5 ms (Prometheus' defaults start at 5 ms).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -597,13 +597,7 @@ class Lane:
         rt.budget.deposit(now)
         rng = self._router.rng
         rng.random()  # pick's target draw (one target: its value is not needed)
-        if subset.zoned:
-            candidates = _zone_candidates(subset, rng)
-        elif subset.plan is not None:  # _zone_candidates without a zone to choose, inline
-            rng.random()
-            candidates = subset.healthy
-        else:
-            candidates = subset.all
+        candidates = _zone_candidates(subset, rng)
         if len(candidates) == 1:
             chosen = candidates[0]
         else:
