@@ -18,6 +18,7 @@ Content-Length/Transfer-Encoding and unknown transfer codings are refused.
 from __future__ import annotations
 
 import re
+import sys
 
 __all__ = [
     "HOP_BY_HOP",
@@ -80,11 +81,19 @@ _REQUEST_DECIDING = frozenset(
 MESH_PREFIX = b"hostmesh-"
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: How a group of field lines repeats: possessive (``*+``), the cheapest, where
+#: it is right. CPython before 3.11.5 (Debian 12's python3 is 3.11.2) mis-matches
+#: a possessive repeat of a group: it ends a match inside a line, and one of a
+#: group holding a lookahead fails to match at all (CPython gh-106052 and
+#: gh-100061), so no request head was "usual" there and every request took the
+#: general path. There the plain greedy repeat, which matches the same heads
+#: (each part of a line is possessive, and a line matches one way only).
+_LINES = rb"*+" if sys.version_info >= (3, 11, 5) else rb"*"
 # field-value: visible chars, obs-text, SP and HTAB; no CR, LF or other CTLs.
 # Possessive and greedy: no backtracking (a lazy value with a trailing-space
 # group cost more than the rest of parsing); trailing SP/HTAB is stripped after.
 _FIELD = re.compile(rb"(" + _TOKEN + rb"+):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n")
-_FIELDS = re.compile(rb"(?:" + _TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n)*+")
+_FIELDS = re.compile(rb"(?:" + _TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n)" + _LINES)
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])")
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
@@ -118,9 +127,9 @@ def _plain_field(excluded: frozenset[bytes]) -> bytes:
 _KEEP_ALIVE = rb"|Connection: keep-alive\r\n"
 _PLAIN_REQUEST_FIELD = _plain_field(HOP_BY_HOP | _REQUEST_DECIDING) + _KEEP_ALIVE
 USUAL_REQUEST = re.compile(
-    rb"(?!HEAD )(%s) (/[\x21-\x7e\x80-\xff]*+) HTTP/1\.1\r\n(?:%s)*+"
-    rb"(?i:host):[ \t]*+([\x21-\x7e\x80-\xff]++)[ \t]*+\r\n(?:%s)*+\r\n"
-    % (_TOKEN, _PLAIN_REQUEST_FIELD, _PLAIN_REQUEST_FIELD)
+    rb"(?!HEAD )(%s) (/[\x21-\x7e\x80-\xff]*+) HTTP/1\.1\r\n(?:%s)%s"
+    rb"(?i:host):[ \t]*+([\x21-\x7e\x80-\xff]++)[ \t]*+\r\n(?:%s)%s\r\n"
+    % (_TOKEN, _PLAIN_REQUEST_FIELD, _LINES, _PLAIN_REQUEST_FIELD, _LINES)
 )
 #: The usual response: HTTP/1.1, a status from 200 to 599 (group 1), one
 #: Content-Length of digits (group 2), and no hop-by-hop field but
@@ -131,9 +140,9 @@ USUAL_REQUEST = re.compile(
 #: status and framing.
 _PLAIN_RESPONSE_FIELD = _plain_field(HOP_BY_HOP | {b"content-length"}) + _KEEP_ALIVE
 USUAL_RESPONSE = re.compile(
-    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*+)?\r\n(?:%s)*+"
-    rb"(?i:content-length):[ \t]*+([0-9]{1,18})[ \t]*+\r\n(?:%s)*+\r\n"
-    % (_PLAIN_RESPONSE_FIELD, _PLAIN_RESPONSE_FIELD)
+    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*+)?\r\n(?:%s)%s"
+    rb"(?i:content-length):[ \t]*+([0-9]{1,18})[ \t]*+\r\n(?:%s)%s\r\n"
+    % (_PLAIN_RESPONSE_FIELD, _LINES, _PLAIN_RESPONSE_FIELD, _LINES)
 )
 _NO_TOKENS: frozenset[bytes] = frozenset()
 #: Connection values as almost every message sends them, to their token sets.

@@ -14,7 +14,7 @@ set -euo pipefail
 
 # Debian packages the tests use as real peers or tools. Append here
 # (e.g. bind9-dnsutils iproute2 nftables etcd-server).
-DEB_PACKAGES="curl ca-certificates bind9-dnsutils dnsmasq-base dnsperf iproute2 systemd etcd-server etcd-client wrk tcpdump"
+DEB_PACKAGES="python3 curl ca-certificates bind9-dnsutils dnsmasq-base dnsperf iproute2 systemd etcd-server etcd-client wrk tcpdump"
 SCRIPT=scripts/test.sh
 # shellcheck source=scripts/_setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
