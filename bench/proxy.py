@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """HTTP proxy benchmark: wrk through hostmesh, nginx and HAProxy to one nginx backend.
 
-    python bench/proxy.py [--seconds 10] [--connections 32] [--out bench/results/proxy.txt]
+    python bench/proxy.py [--rounds 3] [--seconds 5] [--connections 32] [--out FILE]
 
 Starts, on free loopback ports and in one temp directory:
 
@@ -14,12 +14,16 @@ Starts, on free loopback ports and in one temp directory:
   metrics): the least a proxied request can cost in Python here.
 
 wrk (``-t1 -c<connections> --latency``) runs the same time against the backend
-directly and through each proxy. Then a paced, open-loop Python client sends
-1,000 requests/s (8 keep-alive connections, one request each every 8 ms) to the
-backend directly and through hostmesh, and the difference of the p99s is the
-latency hostmesh adds. Prints rps, p50/p99, ratios, the agent's RSS and the
-goals beside them. Loopback only; bounded in time; every process and the temp
-directory are cleaned up on failure and Ctrl-C too.
+directly and through each proxy, once per target in each of ``--rounds`` rounds
+(the order reversed every other round). This VM's speed drifts from one minute
+to the next, so each round's hostmesh/nginx ratio compares runs seconds apart,
+and the report gives each figure's median over the rounds. Then a paced,
+open-loop Python client sends 1,000 requests/s (8 keep-alive connections, one
+request each every 8 ms) to the backend directly and through hostmesh, and the
+difference of the p99s is the latency hostmesh adds. Prints rps, p50/p99,
+ratios, the agent's RSS and the goals beside them. Loopback only; bounded in
+time; every process and the temp directory are cleaned up on failure and
+Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import selectors
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -451,13 +456,14 @@ def noise_line(other: float, steal: float) -> str:
     return line
 
 
-def wrk_errors(results: dict[str, WrkResult], paced_results: dict[str, PacedResult]) -> list[str]:
+def wrk_errors(runs: dict[str, list[WrkResult]],
+               paced_results: dict[str, PacedResult]) -> list[str]:  # fmt: skip
     """An "ERRORS seen" section with the failing wrk reports; [] when nothing failed."""
-    failed = {label: r for label, r in results.items() if r.errors}
+    failed = [(label, r) for label, rs in runs.items() for r in rs if r.errors]
     if not failed and not any(p.errors for p in paced_results.values()):
         return []
     lines = ["", "ERRORS seen:"]
-    for label, r in failed.items():
+    for label, r in failed:
         lines += [f"--- wrk {label}:", r.output.rstrip()]
     return lines
 
@@ -472,7 +478,9 @@ def publish(report: str, out: Path | None) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="per wrk / paced run")
+    parser.add_argument("--rounds", type=int, default=3, help="wrk runs per target")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
+    parser.add_argument("--paced-seconds", type=float, default=10.0, help="of the paced run")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
@@ -485,11 +493,11 @@ def main() -> int:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is needed (apt-get install nginx haproxy wrk)")
 
-    results: dict[str, WrkResult] = {}
+    runs: dict[str, list[WrkResult]] = {}  # label -> one wrk run per round
     busy_before, ours_before = machine_busy(), our_cpu()
     steal_before = psutil.cpu_times().steal  # CPU the hypervisor gave to other guests
     paced_results: dict[str, PacedResult] = {}
-    cpu: dict[str, float] = {}  # label -> cores the server in front used during its wrk run
+    cpu: dict[str, list[float]] = {}  # label -> cores the server in front used, per run
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp_dir:
         tmp = Path(tmp_dir)
         procs = Processes(tmp)
@@ -534,16 +542,20 @@ def main() -> int:
             for name, port in targets.values():
                 wait_ready(procs, name, f"http://127.0.0.1:{port}/", host=SERVICE)
 
-            for label, (name, port) in targets.items():
-                print(f"wrk: {label} ...", file=sys.stderr, flush=True)
-                wrk(port, WARMUP, args.connections)
-                before = tree_cpu(procs.procs[name].pid)
-                results[label] = wrk(port, args.seconds, args.connections)
-                cpu[label] = (tree_cpu(procs.procs[name].pid) - before) / args.seconds
-                procs.check_alive()
+            order = list(targets.items())
+            for round_ in range(args.rounds):
+                for label, (name, port) in order if round_ % 2 == 0 else order[::-1]:
+                    print(f"wrk: round {round_ + 1}, {label} ...", file=sys.stderr, flush=True)
+                    wrk(port, WARMUP, args.connections)
+                    before = tree_cpu(procs.procs[name].pid)
+                    runs.setdefault(label, []).append(wrk(port, args.seconds, args.connections))
+                    cpu.setdefault(label, []).append(
+                        (tree_cpu(procs.procs[name].pid) - before) / args.seconds
+                    )
+                    procs.check_alive()
             print("paced 1,000 rps: direct and hostmesh ...", file=sys.stderr, flush=True)
             paced_results = paced({"direct": ports["backend"], "hostmesh": ports["proxy"]},
-                                  args.seconds)  # fmt: skip
+                                  args.paced_seconds)  # fmt: skip
             procs.check_alive()
             rss = psutil.Process(agent.pid).memory_info().rss
             agent_log = procs.log("hostmesh")
@@ -553,11 +565,27 @@ def main() -> int:
     other = machine_busy() - busy_before - (our_cpu() - ours_before)
     steal = psutil.cpu_times().steal - steal_before
 
-    base = results["nginx proxy"].rps
-    hm = results["hostmesh"]
+    median = statistics.median
+    rps = {label: median(r.rps for r in rs) for label, rs in runs.items()}
+    cores = {label: median(c) for label, c in cpu.items()}
+    base = rps["nginx proxy"]
+
+    def per_round(label: str, per_core: bool) -> list[float]:
+        """hostmesh's rps (per core) over ``label``'s, round by round."""
+        return [
+            (h.rps / (hc if per_core else 1)) / (o.rps / (oc if per_core else 1))
+            for h, hc, o, oc in zip(runs["hostmesh"], cpu["hostmesh"], runs[label], cpu[label],
+                                    strict=True)
+        ]  # fmt: skip
+
+    def rounds(ratios: list[float]) -> str:
+        return ", ".join(f"{r:.2f}" for r in ratios)
+
     lines = [
         f"wrk -t1 -c{args.connections} -d{args.seconds:g}s --latency, GET / with Host: {SERVICE},"
         f" loopback; {WARMUP:g} s wrk warm-up before each run",
+        f"{args.rounds} rounds: each target once per round, the order reversed every other"
+        " round; each figure is the median over the rounds",
         f"machine: {os.cpu_count()} cores shared by wrk, the proxy and the backend;"
         f" python {sys.version.split()[0]}",
         f"{first_line([nginx, '-v'])}; {first_line([haproxy, '-v'])}; {first_line(['wrk', '-v'])}",
@@ -568,17 +596,17 @@ def main() -> int:
         f"{'target':<24}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'cpu':>6}"
         f"{'vs nginx proxy':>16}",
     ]
-    for label, r in results.items():
+    for label, rs in runs.items():
         lines.append(
-            f"{label:<24}{r.rps:>10.0f}{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}{r.errors:>8}"
-            f"{cpu[label]:>6.2f}{r.rps / base:>15.2f}x"
+            f"{label:<24}{rps[label]:>10.0f}{median(r.p50_ms for r in rs):>9.3f}"
+            f"{median(r.p99_ms for r in rs):>9.3f}{sum(r.errors for r in rs):>8}"
+            f"{cores[label]:>6.2f}{rps[label] / base:>15.2f}x"
         )
-    ratio_nginx = hm.rps / base
+    by_rps = per_round("nginx proxy", per_core=False)
     # The goal is per core: a proxy that wrk or the backend kept below one core
     # would look slower by rps alone than it is.
-    per_core = (hm.rps / cpu["hostmesh"]) / (base / cpu["nginx proxy"])
-    floor = results[FLOOR_LABEL]
-    ratio_haproxy = hm.rps / results["haproxy"].rps
+    by_core = per_round("nginx proxy", per_core=True)
+    per_core = median(by_core)
     direct, through = paced_results["direct"], paced_results["hostmesh"]
     added = through.p99_ms - direct.p99_ms
     rss_mb = rss / 1e6
@@ -588,20 +616,20 @@ def main() -> int:
 
     lines += [
         "",
-        f"hostmesh / nginx proxy rps: {ratio_nginx:.2f}x; per core (rps / cpu):"
-        f" {per_core:.2f}x   (goal >= {GOAL_RPS_VS_NGINX}x per core: "
-        f"{verdict(per_core >= GOAL_RPS_VS_NGINX)})",
-        f"hostmesh / haproxy rps:     {ratio_haproxy:.2f}x",
-        f"hostmesh / {FLOOR_LABEL}: {hm.rps / floor.rps:.2f}x; CPU per request:"
-        f" hostmesh {cpu['hostmesh'] / hm.rps * 1e6:.0f} us, floor"
-        f" {cpu[FLOOR_LABEL] / floor.rps * 1e6:.0f} us,"
-        f" nginx {cpu['nginx proxy'] / base * 1e6:.0f} us",
+        f"hostmesh / nginx proxy rps: {median(by_rps):.2f}x (rounds: {rounds(by_rps)})",
+        f"hostmesh / nginx proxy per core (rps / cpu): {per_core:.2f}x (rounds: {rounds(by_core)})"
+        f"   (goal >= {GOAL_RPS_VS_NGINX}x per core: {verdict(per_core >= GOAL_RPS_VS_NGINX)})",
+        f"hostmesh / haproxy rps:     {median(per_round('haproxy', per_core=False)):.2f}x",
+        f"hostmesh / {FLOOR_LABEL}: {median(per_round(FLOOR_LABEL, per_core=False)):.2f}x;"
+        f" CPU per request: hostmesh {cores['hostmesh'] / rps['hostmesh'] * 1e6:.0f} us, floor"
+        f" {cores[FLOOR_LABEL] / rps[FLOOR_LABEL] * 1e6:.0f} us,"
+        f" nginx {cores['nginx proxy'] / base * 1e6:.0f} us",
         f"({FLOOR_LABEL}: bench/floor_proxy.py, an epoll relay with no validation, routing or"
         " metrics: what CPython allows at all)",
         "",
         f"paced load: {PACED_RATE} rps open loop to each target at the same time (sends"
         f" interleaved), {PACED_CONNECTIONS} keep-alive connections each",
-        f"sending every {PACED_CONNECTIONS * 1000 // PACED_RATE} ms, {args.seconds:g} s"
+        f"sending every {PACED_CONNECTIONS * 1000 // PACED_RATE} ms, {args.paced_seconds:g} s"
         f" (first {PACED_SKIP:g} s not counted); one-thread Python client (selectors);",
         "latency = send to last response byte (from the due time if the connection was busy)",
         *paced_rows(paced_results),
@@ -615,7 +643,7 @@ def main() -> int:
         "",
         noise_line(other, steal),
     ]
-    errors = wrk_errors(results, paced_results)
+    errors = wrk_errors(runs, paced_results)
     if errors:
         lines += [*errors, "--- hostmesh agent log (tail):", agent_log or "(empty)"]
     publish("\n".join(lines), args.out)
