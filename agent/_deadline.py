@@ -11,13 +11,14 @@ comes due the timer finds the deadline moved and re-arms it. Only a deadline
 moved earlier than its entry pushes a new one.
 
 When a deadline passes, the timer marks it fired and wakes the task blocked
-on the deadline's socket with :func:`trio.lowlevel.notify_closing` (or, for a
-connection driven by the proxy's :class:`~._loop.Loop`, with
-:meth:`~._loop.Loop.interrupt`); that wait raises :class:`DeadlineExceeded`
-(:meth:`Deadline.wait`). Every phase that times out ends with that socket
-discarded or answered and closed (a 408 to the client, an upstream connection
-thrown away after a 504), so waking it as if it were closing is safe. A task
-that is not blocked finds ``fired`` set at its next wait.
+on the deadline's socket with :func:`trio.lowlevel.notify_closing`, which
+:meth:`Deadline.wait` turns into :class:`DeadlineExceeded`, or, for a
+connection driven by the proxy's :class:`~._loop.Loop`, throws
+:class:`DeadlineExceeded` into it with :meth:`~._loop.Loop.interrupt`.
+Every phase that times out ends with that socket discarded or answered and
+closed (a 408 to the client, an upstream connection thrown away after a
+504), so waking it as if it were closing is safe. A task that is not blocked
+finds ``fired`` set at its next wait.
 """
 
 from __future__ import annotations
@@ -87,6 +88,33 @@ class Deadline:
         self._gen += 1
         self._armed = -math.inf  # never armed again
         self._timer._live -= 1
+
+    def trap(self, sock: socket.socket) -> tuple[int, socket.socket, int] | None:
+        """What a generator driven by the loop yields to wait for ``sock`` to be readable
+        within the deadline, without :meth:`wait`'s generator; None outside the loop
+        (the caller awaits :meth:`wait` instead)::
+
+            trap = dl.trap(sock)
+            if trap is None:
+                yield from dl.wait(sock)
+            else:
+                try:
+                    yield trap
+                finally:
+                    dl.waiting = None
+
+        Raises:
+            DeadlineExceeded: the deadline passed already (the yield raises it when it
+                passes during the wait).
+        """
+        if self.fired:
+            raise DeadlineExceeded
+        loop = _loop._driving
+        if loop is None:
+            return None
+        self.waiting = sock
+        self.loop = loop
+        return (WAIT, sock, READABLE)
 
     @types.coroutine
     def wait(self, sock: socket.socket, *, writable: bool = False) -> Generator[Any, Any, None]:
@@ -162,7 +190,7 @@ class Timer:
                 d.fired = True
                 if d.waiting is not None:
                     if d.loop is not None:
-                        d.loop.interrupt(d.waiting)
+                        d.loop.interrupt(d.waiting, DeadlineExceeded())
                     else:
                         trio.lowlevel.notify_closing(d.waiting)
             elif d.at < math.inf:

@@ -10,6 +10,10 @@ socket registered once (edge-triggered), and a coroutine resumed with
 ``send`` when its socket is ready. The loop waits in Trio on the epoll fd
 itself, and yields to Trio's other tasks between batches.
 
+A connection coroutine may also be a generator (:func:`types.coroutine`)
+that yields the wait itself (:meth:`~._deadline.Deadline.trap`): no
+generator object is made per wait, and one frame is resumed instead of three.
+
 A coroutine driven here must not reach a Trio primitive (a cancel scope, a
 nursery, a thread): before one it calls :func:`to_trio`, which moves it into
 a Trio task of its own for the rest of its life (a 100-continue wait, a
@@ -28,11 +32,21 @@ import socket
 import types
 from collections.abc import Coroutine, Generator
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol, cast
 
 import trio
 
-__all__ = ["READABLE", "WAIT", "WRITABLE", "Loop", "checkpoint", "quiet", "to_trio", "wait_socket"]
+__all__ = [
+    "READABLE",
+    "WAIT",
+    "WRITABLE",
+    "Driven",
+    "Loop",
+    "checkpoint",
+    "quiet",
+    "to_trio",
+    "wait_socket",
+]
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -53,6 +67,14 @@ BATCH_TIME = 0.001
 _driving: Loop | None = None
 
 
+class Driven(Protocol):
+    """What the loop drives: a coroutine, or a generator made with :func:`types.coroutine`."""
+
+    def send(self, value: Any, /) -> Any: ...
+    def throw(self, error: BaseException, /) -> Any: ...
+    def close(self) -> None: ...
+
+
 @types.coroutine
 def _trap(msg: tuple[Any, ...]) -> Generator[Any, Any, Any]:
     return (yield msg)
@@ -67,7 +89,7 @@ def wait_socket(sock: socket.socket, *, writable: bool = False) -> Generator[Any
     is resumed on each wake-up).
 
     Raises:
-        trio.ClosedResourceError: woken by :meth:`Loop.interrupt` (a deadline passed).
+        BaseException: the error :meth:`Loop.interrupt` woke it with (a deadline's).
     """
     if _driving is not None:
         yield (_WAIT, sock, _OUT if writable else _IN)
@@ -102,13 +124,13 @@ def quiet(sock: socket.socket) -> bool:
 
 
 @types.coroutine
-def _continue(coro: Coroutine[Any, Any, Any]) -> Generator[Any, Any, Any]:
+def _continue(coro: Driven) -> Generator[Any, Any, Any]:
     # Resumes ``coro`` where it escaped (its trap answers None) and passes
     # Trio's traps, values and cancellations through, as ``await`` would.
-    return (yield from coro)
+    return (yield from cast(Coroutine[Any, Any, Any], coro))
 
 
-async def _adopted(coro: Coroutine[Any, Any, Any]) -> None:
+async def _adopted(coro: Driven) -> None:
     await _continue(coro)
 
 
@@ -119,9 +141,9 @@ class Loop:
         self._ep = select.epoll()
         self._registered: dict[int, socket.socket] = {}  # fd -> the socket registered on it
         self._bits: dict[int, int] = {}  # fd -> events seen while nobody waited
-        self._waiters: dict[int, tuple[Coroutine[Any, Any, Any], int]] = {}  # fd -> (coro, mask)
-        self._ready: list[tuple[Coroutine[Any, Any, Any], BaseException | None]] = []
-        self._live: set[Coroutine[Any, Any, Any]] = set()
+        self._waiters: dict[int, tuple[Driven, int]] = {}  # fd -> (coro, mask)
+        self._ready: list[tuple[Driven, BaseException | None]] = []
+        self._live: set[Driven] = set()
         self._sleep: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._error: BaseException | None = None
@@ -130,17 +152,17 @@ class Loop:
         """Coroutines driven here (waiting or ready)."""
         return len(self._live)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Driven) -> None:
         """Run ``coro`` here from its first step (callable from any Trio task)."""
         self._live.add(coro)
         self._ready.append((coro, None))
         self._wake()
 
-    def interrupt(self, sock: socket.socket) -> None:
-        """Wake the coroutine waiting on ``sock`` with :class:`trio.ClosedResourceError`."""
+    def interrupt(self, sock: socket.socket, error: BaseException) -> None:
+        """Wake the coroutine waiting on ``sock`` with ``error`` (a deadline's)."""
         waiter = self._waiters.pop(sock.fileno(), None)
         if waiter is not None:
-            self._ready.append((waiter[0], trio.ClosedResourceError("deadline")))
+            self._ready.append((waiter[0], error))
             self._wake()
 
     def _wake(self) -> None:
@@ -204,7 +226,7 @@ class Loop:
             else:
                 bits[fd] = bits.get(fd, 0) | ev
 
-    def _step(self, coro: Coroutine[Any, Any, Any], exc: BaseException | None) -> None:
+    def _step(self, coro: Driven, exc: BaseException | None) -> None:
         # (run() has set _driving for the batch.)
         try:
             trap = coro.send(None) if exc is None else coro.throw(exc)
@@ -239,7 +261,7 @@ class Loop:
             coro.close()
             self._error = RuntimeError(f"a Trio operation reached the proxy loop: {trap!r}")
 
-    def _wait(self, coro: Coroutine[Any, Any, Any], sock: socket.socket, want: int) -> None:
+    def _wait(self, coro: Driven, sock: socket.socket, want: int) -> None:
         fd = sock.fileno()
         if self._registered.get(fd) is not sock:
             # A new socket, or a new one on a reused fd (the kernel dropped the old one).

@@ -27,9 +27,10 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable
+import types
+from collections.abc import Callable, Collection, Generator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import trio
 
@@ -52,7 +53,7 @@ from ._http1 import (
     usual_request,
     usual_response,
 )
-from ._loop import Loop, checkpoint, to_trio
+from ._loop import Driven, Loop, checkpoint, to_trio
 from ._pool import CHECKPOINT_EVERY, RECV_SIZE, ConnectError, Pool, Stream, connect
 from ._resilience import REPLAY_BUFFER, may_retry
 from ._routing import Endpoint, Lane, Router
@@ -395,7 +396,8 @@ class Proxy:
                     self.stats.connections_refused += 1
                     self._reject_connection(sock)
                     continue
-                self.loop.spawn(self._client(sock, peer))
+                # (a generator: types.coroutine types it as an Awaitable)
+                self.loop.spawn(cast(Driven, self._client(sock, peer)))
 
     async def drain(self) -> None:
         """Stop accepting, finish requests in flight, close idle connections.
@@ -451,14 +453,18 @@ class Proxy:
         """The client's stream (the inbound listener shakes hands here); None: refused."""
         return Stream(sock)
 
-    async def _client(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+    @types.coroutine
+    def _client(self, sock: socket.socket, addr: tuple[str, int]) -> Generator[Any, Any, None]:
+        """One client connection, to its end. A generator (:func:`types.coroutine`):
+        the usual waits, for the next request here and for the upstream's answer in
+        :meth:`_express`, are yielded to the loop directly (:meth:`Deadline.trap`)."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         dl = self.timer.deadline()
         self.stats.open_connections += 1
         client: Stream | None = None
         try:
             conn = Conn(addr)
-            client = conn.stream = await self._open_client(sock, dl, conn)
+            client = conn.stream = yield from self._open_client(sock, dl, conn)
             if client is None:
                 return
             idle_timeout = self.config.idle_timeout
@@ -474,7 +480,14 @@ class Proxy:
                     dl.set(self.timer.now() + idle_timeout)
                     self._idle.add(dl)
                     try:
-                        await dl.wait(sock)
+                        trap = dl.trap(sock)
+                        if trap is None:  # escaped to Trio (a tunnel, a 100-continue wait)
+                            yield from dl.wait(sock)
+                        else:
+                            try:
+                                yield trap
+                            finally:
+                                dl.waiting = None
                     except DeadlineExceeded:
                         # Draining closes idle connections; one whose request is
                         # already in the socket still gets it answered.
@@ -494,13 +507,13 @@ class Proxy:
                         elif data is not None:
                             client.buf += data
                 if head is None:  # anything else, and the rest of a head begun above
-                    head = await self._read_head(client, dl, first)
+                    head = yield from self._read_head(client, dl, first)
                     if head is None:
                         return
                 first = False
-                keep = await self._express(client, dl, head, conn) if express else None
+                keep = (yield from self._express(client, dl, head, conn)) if express else None
                 if keep is None:
-                    keep = await self._exchange(client, dl, head, conn)
+                    keep = yield from self._exchange(client, dl, head, conn)
                 if not keep:
                     return
         except HttpError as exc:
@@ -508,8 +521,8 @@ class Proxy:
             dl.after(self.config.header_timeout)  # a client that does not read its error
             if client is not None:
                 with contextlib.suppress(OSError, DeadlineExceeded):
-                    await client.send(error_response(exc.status, exc.reason, exc.detail,
-                                                     close=True), dl)  # fmt: skip
+                    yield from client.send(error_response(exc.status, exc.reason, exc.detail,
+                                                          close=True), dl)  # fmt: skip
         except OSError:
             self._refuse("client-reset")
         except DeadlineExceeded:
@@ -763,7 +776,9 @@ class Proxy:
         finally:
             state.release()
 
-    async def _express(self, client: Stream, dl: Deadline, head: bytes, conn: Conn) -> bool | None:
+    @types.coroutine
+    def _express(self, client: Stream, dl: Deadline, head: bytes,
+                 conn: Conn) -> Generator[Any, Any, bool | None]:  # fmt: skip
         """Proxy the usual exchange in one frame; None: ``head`` is not usual, nothing done.
 
         Usual: a request :func:`~._http1.usual_request` matches (no body, nothing
@@ -799,7 +814,9 @@ class Proxy:
         try_deadline = self.timer.now() + lane.first_try
         upstream = self.pool.take_idle(endpoint.key, now, peek=False)
         if upstream is None:
-            return await self._hand_over(client, dl, method, up_head, lane, service, endpoint)
+            handed: bool = yield from self._hand_over(client, dl, method, up_head, lane, service,
+                                                      endpoint)  # fmt: skip
+            return handed
         dl.set(try_deadline)
         usock = upstream.sock
         try:
@@ -808,9 +825,18 @@ class Proxy:
             whole = False
         if not whole:  # nothing usable was sent: a new try, as for a stale connection
             self.pool.discard(upstream)
-            return await self._hand_over(client, dl, method, up_head, lane, service, endpoint)
+            handed = yield from self._hand_over(client, dl, method, up_head, lane, service,
+                                                endpoint)  # fmt: skip
+            return handed
         try:
-            await dl.wait(usock)
+            trap = dl.trap(usock)
+            if trap is None:  # escaped to Trio earlier (a tunnel, a 100-continue wait)
+                yield from dl.wait(usock)
+            else:
+                try:
+                    yield trap
+                finally:
+                    dl.waiting = None
             data = usock.recv(RECV_SIZE)
         except (OSError, DeadlineExceeded):
             data = b""  # _forward meets the same again and handles it
@@ -833,8 +859,9 @@ class Proxy:
                 out = without_keep_alive(data, end)
         if out is None:
             upstream.buf += data
-            return await self._hand_over(client, dl, method, up_head, lane, service, endpoint,
-                                         upstream)  # fmt: skip
+            handed = yield from self._hand_over(client, dl, method, up_head, lane, service,
+                                                endpoint, upstream)  # fmt: skip
+            return handed
         done = self._clock()
         lane.end(endpoint, status, done - now, done)
         if self.draining:
@@ -847,7 +874,7 @@ class Proxy:
                 sent = 0
             if sent != len(out):  # a full socket buffer: Stream.send waits for the rest
                 dl.after(self.config.idle_timeout)  # (the next wait sets its own)
-                await client.send(memoryview(out)[sent:], dl)
+                yield from client.send(memoryview(out)[sent:], dl)
         except DeadlineExceeded:
             self.pool.discard(upstream)
             self._refuse("body-timeout")

@@ -11,6 +11,7 @@ compared by its form.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
@@ -22,6 +23,8 @@ import trio
 from conftest import trio_test
 from proxy_env import Mesh, mesh
 
+from hostmesh._routes import Route
+from hostmesh.agent import _routing
 from hostmesh.catalog import Node, NodeRecord, ServiceInstance
 
 NGINX = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 01 Dec 2026 15:58:35 GMT\r\n"
@@ -35,6 +38,7 @@ ANSWERS = {
     b"/split": [NGINX[:-3], NGINX[-3:]],  # the body in a second write
     b"/keepalive": [b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\n\r\nok\n"],
     b"/503": [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nbusy\n"],
+    b"/hang": [],  # no answer at all
 }
 TRACE = re.compile(rb"\r\ntraceparent: 00-[0-9a-f]{32}-[0-9a-f]{16}-01")
 
@@ -211,3 +215,35 @@ async def test_unusual_exchanges_are_handed_to_the_general_path_and_answered_the
             ]
             assert len(fast) == len(heads)
         assert fast[-1].endswith(b"\r\nConnection: close\r\n\r\nok\n")
+
+
+@trio_test(30)
+async def test_the_express_lanes_own_waits_still_end_at_their_deadlines(tmp_path: Path) -> None:
+    """The express lane yields its two waits to the loop itself (``Deadline.trap``), not
+    through ``Deadline.wait``. An upstream that never answers still gets the client a 504
+    at the route's timeout, and an idle keep-alive connection is still closed at the
+    idle timeout."""
+    quick = Route(name="default", timeout=0.5)
+    async with express_mesh(tmp_path) as (m, _):
+        proxy = m.agent.proxy
+        briefly = dataclasses.replace(proxy.config, idle_timeout=0.7)
+        with mock.patch.object(_routing, "DEFAULT_ROUTE", quick), \
+                mock.patch.object(proxy, "config", briefly):  # fmt: skip
+            await m.refresh()  # lanes are made again, with the quick route
+            _, calls = await through(m, [request(b"/nginx")], general=False)
+            assert calls == {"_exchange": 0, "_forward": 0}  # the express lane took it
+            sock = trio.socket.socket()
+            await sock.connect(m.addrs.proxy)
+            with sock:
+                await sock.send(request(b"/nginx"))  # the Host is known: the express lane
+                first = await sock.recv(65536)
+                assert first.startswith(b"HTTP/1.1 200 OK\r\n"), first
+                t0 = trio.current_time()
+                await sock.send(request(b"/hang"))
+                answer = await sock.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 504 "), answer
+                assert b"\r\nhostmesh-error: timeout\r\n" in answer
+                assert 0.4 < trio.current_time() - t0 < 2.0
+                t0 = trio.current_time()
+                assert await sock.recv(65536) == b""  # closed while idle, after 0.7 s
+                assert 0.6 < trio.current_time() - t0 < 2.5
