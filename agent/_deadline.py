@@ -91,21 +91,13 @@ class Deadline:
 
     def trap(self, sock: socket.socket) -> tuple[int, socket.socket, int] | None:
         """What a generator driven by the loop yields to wait for ``sock`` to be readable
-        within the deadline, without :meth:`wait`'s generator; None outside the loop
-        (the caller awaits :meth:`wait` instead)::
-
-            trap = dl.trap(sock)
-            if trap is None:
-                yield from dl.wait(sock)
-            else:
-                try:
-                    yield trap
-                finally:
-                    dl.waiting = None
+        within the deadline, without :meth:`wait`'s generator (the proxy's express lane);
+        None outside the loop, where the caller waits with :meth:`wait` instead. The
+        caller sets ``waiting`` back to None once the yield returns or raises; it raises
+        :class:`DeadlineExceeded` when the deadline passes meanwhile.
 
         Raises:
-            DeadlineExceeded: the deadline passed already (the yield raises it when it
-                passes during the wait).
+            DeadlineExceeded: the deadline passed already.
         """
         if self.fired:
             raise DeadlineExceeded

@@ -12,7 +12,7 @@ itself, and yields to Trio's other tasks between batches.
 
 A connection coroutine may also be a generator (:func:`types.coroutine`)
 that yields the wait itself (:meth:`~._deadline.Deadline.trap`): no
-generator object is made per wait, and one frame is resumed instead of three.
+generator object is made per wait, and a wake-up resumes one frame fewer.
 
 A coroutine driven here must not reach a Trio primitive (a cancel scope, a
 nursery, a thread): before one it calls :func:`to_trio`, which moves it into
