@@ -456,14 +456,14 @@ def noise_line(other: float, steal: float) -> str:
     return line
 
 
-def wrk_errors(runs: dict[str, list[WrkResult]],
-               paced_results: dict[str, PacedResult]) -> list[str]:  # fmt: skip
-    """An "ERRORS seen" section with the failing wrk reports; [] when nothing failed."""
-    failed = [(label, r) for label, rs in runs.items() for r in rs if r.errors]
+def wrk_errors(results: dict[str, WrkResult], paced_results: dict[str, PacedResult]) -> list[str]:
+    """An "ERRORS seen" section with the failing wrk reports; [] when nothing failed
+    (bench/mesh.py's too)."""
+    failed = {label: r for label, r in results.items() if r.errors}
     if not failed and not any(p.errors for p in paced_results.values()):
         return []
     lines = ["", "ERRORS seen:"]
-    for label, r in failed:
+    for label, r in failed.items():
         lines += [f"--- wrk {label}:", r.output.rstrip()]
     return lines
 
@@ -643,7 +643,9 @@ def main() -> int:
         "",
         noise_line(other, steal),
     ]
-    errors = wrk_errors(runs, paced_results)
+    each_run = {f"{label}, round {i + 1}": r
+                for label, rs in runs.items() for i, r in enumerate(rs)}  # fmt: skip
+    errors = wrk_errors(each_run, paced_results)
     if errors:
         lines += [*errors, "--- hostmesh agent log (tail):", agent_log or "(empty)"]
     publish("\n".join(lines), args.out)
