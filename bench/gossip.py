@@ -85,7 +85,8 @@ async def measure(n: int, latency: float) -> dict[str, float]:
         samples: list[tuple[float, int]] = []
         while True:
             await trio.sleep(SAMPLE)
-            have = sum(1 for m in members if m.catalog.record(source.name).node.az == "az-new")  # type: ignore[union-attr]
+            records = [m.catalog.record(source.name) for m in members]
+            have = sum(1 for r in records if r is not None and r.node.az == "az-new")
             samples.append((trio.current_time() - start, have))
             if have == n or trio.current_time() - start > 30:
                 break

@@ -8,7 +8,8 @@
 #   2. creates .venv (if missing or broken) and installs the project into it,
 #      non-editable, from a freshly built wheel, with the `test` extras;
 #   3. runs, stopping at the first failure: ruff check, ruff format --check,
-#      mypy --strict on the installed package, and pytest with "$@".
+#      mypy --strict on the installed package and on bench/ (nothing else runs
+#      the benchmarks), and pytest with "$@".
 # CI runs exactly this through .ci/run.
 set -euo pipefail
 
@@ -46,6 +47,12 @@ phase "mypy --strict (installed package)"
 mkdir "$WORK/mypy"
 (cd "$WORK/mypy" && "$VENV/bin/mypy" --config-file "$ROOT/pyproject.toml" \
     --cache-dir "$ROOT/.mypy_cache" -p hostmesh)
+
+phase "mypy --strict bench/"
+# The benchmarks import each other (mesh.py uses proxy.py's helpers) and tests/'
+# simulated network (gossip.py).
+(cd "$WORK/mypy" && MYPYPATH="$ROOT/bench:$ROOT/tests" "$VENV/bin/mypy" \
+    --config-file "$ROOT/pyproject.toml" --cache-dir "$ROOT/.mypy_cache" "$ROOT"/bench/*.py)
 
 phase "pytest $*"
 "$VENV/bin/pytest" "$@"

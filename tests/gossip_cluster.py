@@ -36,7 +36,7 @@ class SimMember:
 
     def update_record(self, **changes: object) -> NodeRecord:
         """A new version of this member's own record, gossiped."""
-        self.record = self.record.bump(**changes)  # type: ignore[arg-type]
+        self.record = self.record.bump(**changes)
         self.catalog.merge(self.record)
         self.swim.record_changed(self.record)
         return self.record
