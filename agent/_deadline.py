@@ -52,7 +52,7 @@ class Deadline:
 
     Only the owner moves it while it may be blocked on it: a :meth:`set` from
     elsewhere between the firing and the owner waking would clear ``fired``
-    and turn the wake-up into a plain :class:`trio.ClosedResourceError`.
+    and turn a wake-up in Trio into a plain :class:`trio.ClosedResourceError`.
     """
 
     __slots__ = ("_armed", "_gen", "_timer", "at", "fired", "loop", "waiting")

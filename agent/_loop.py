@@ -4,7 +4,8 @@ A proxied keep-alive request waits twice (for the upstream's answer, then
 for the client's next request). Through Trio each wait costs a registration,
 a trip through its scheduler and a task switch: about a fifth of the proxy's
 CPU for a small request. The proxy's connection coroutines wait only on
-their sockets (every wait goes through :func:`wait_socket`), so one Trio
+their sockets (every wait yields the loop's trap: :func:`wait_socket`,
+:meth:`~._deadline.Deadline.wait` or :meth:`~._deadline.Deadline.trap`), so one Trio
 task, :meth:`Loop.run`, can drive them all itself: one epoll set, each
 socket registered once (edge-triggered), and a coroutine resumed with
 ``send`` when its socket is ready. The loop waits in Trio on the epoll fd
