@@ -108,12 +108,17 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 def _plain_field(excluded: frozenset[bytes]) -> bytes:
     """A field line whose name does not start with one of ``excluded`` (any case), nor
     with ``hostmesh-``. Names are grouped by first letter: sre tries alternatives one
-    by one, so a line costs a test per first letter, not per name."""
+    by one, so a line costs a test per first letter, not per name. Each first letter
+    is a class (``[cC]``) outside the ignore-case group: sre skips a branch whose
+    first class does not match without entering it, which it does not do for an
+    ignore-case letter (10% of the response pattern's cost). The names start with a
+    letter."""
     first: dict[bytes, list[bytes]] = {}
     for name in sorted(excluded | {MESH_PREFIX}):
         first.setdefault(name[:1], []).append(re.escape(name[1:]))
-    names = b"|".join(c + b"(?:" + b"|".join(rest) + b")" for c, rest in first.items())
-    return rb"(?!(?i:" + names + rb"))" + _TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
+    names = b"|".join(b"[" + c.lower() + c.upper() + b"](?i:" + b"|".join(rest) + b")"
+                      for c, rest in first.items())  # fmt: skip
+    return rb"(?!" + names + rb")" + _TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
 
 
 #: The usual request, validated and read in one match: origin form, HTTP/1.1,

@@ -189,24 +189,28 @@ class Loop:
                         await trio.lowlevel.wait_readable(self._ep.fileno())
                     self._sleep = None
                     events = poll(0, MAX_EVENTS)
-                self._dispatch(events)
-                # One batch of at most BATCH_TIME: what becomes ready meanwhile (a
-                # checkpoint, a wait that finds its event) and what did not fit run
-                # after Trio's other tasks (DNS, gossip, the API) had a turn.
+                # One batch of at most BATCH_TIME: the waiters the events wake, each
+                # resumed as its event is read, then what was ready before them. What
+                # becomes ready meanwhile (a checkpoint, a wait that finds its event)
+                # and what did not fit run after Trio's other tasks (DNS, gossip, the
+                # API) had a turn.
                 ready, self._ready = self._ready, []
                 started = perf_counter()
-                done = 0
                 _driving = self  # for the whole batch: only our coroutines run in it
                 try:
-                    for coro, exc in ready:
-                        self._step(coro, exc)
-                        done += 1
-                        if not done % 4 and perf_counter() - started > BATCH_TIME:
-                            break
+                    done = self._dispatch(events, started)
+                    if done >= 0:
+                        stepped = 0
+                        for coro, exc in ready:
+                            self._step(coro, exc)
+                            stepped += 1
+                            if not (done + stepped) % 4 and perf_counter() - started > BATCH_TIME:
+                                break
+                        del ready[:stepped]
                 finally:
                     _driving = None
-                if done < len(ready):
-                    self._ready[:0] = ready[done:]  # first in the next batch
+                if ready:
+                    self._ready[:0] = ready  # first in the next batch
                 if self._error is not None:
                     raise self._error
                 if not slept or self._ready:
@@ -215,17 +219,28 @@ class Loop:
             self._sleep = None
             self._close_all()
 
-    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+    def _dispatch(self, events: list[tuple[int, int]], started: float) -> int:
+        """Resume each waiter an event wakes (a list of them, then stepping it, was 1%
+        of a proxied request), within BATCH_TIME of ``started``: past it, the rest are
+        queued. Steps taken; -1: the batch's time ran out."""
         waiters = self._waiters
         bits = self._bits
-        ready = self._ready
+        step = self._step
+        done = 0
         for fd, ev in events:
             waiter = waiters.get(fd)
-            if waiter is not None and ev & waiter[1]:
-                del waiters[fd]
-                ready.append((waiter[0], None))
-            else:
+            if waiter is None or not ev & waiter[1]:
                 bits[fd] = bits.get(fd, 0) | ev
+            elif done >= 0:
+                del waiters[fd]
+                step(waiter[0], None)
+                done += 1
+                if not done % 4 and perf_counter() - started > BATCH_TIME:
+                    done = -1
+            else:
+                del waiters[fd]
+                self._ready.append((waiter[0], None))
+        return done
 
     def _step(self, coro: Driven, exc: BaseException | None) -> None:
         # (run() has set _driving for the batch.)

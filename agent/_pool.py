@@ -208,7 +208,11 @@ class Pool:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < self.idle_timeout and conn.looks_alive(peek=peek):
+            if now - conn.idle_since < self.idle_timeout and (
+                # looks_alive(peek=False)'s usual answer without its call (per request)
+                (not peek and not conn.buf and not conn.eof and quiet(conn.sock))
+                or conn.looks_alive(peek=peek)
+            ):
                 conn.reused = True
                 return conn
             self.discard(conn)

@@ -205,8 +205,8 @@ class _TraceLines:
         if at == 0:
             self._lines = self._batch()
             at = len(self._lines)
-        self._at = at = at - len(self._LINE)
-        return self._lines[at : at + len(self._LINE)]
+        self._at = at = at - _TRACE_LINE_LENGTH
+        return self._lines[at : at + _TRACE_LINE_LENGTH]
 
     def _batch(self) -> bytes:
         step = len(self._LINE)
@@ -219,6 +219,7 @@ class _TraceLines:
                 return bytes(lines)
 
 
+_TRACE_LINE_LENGTH = len(_TraceLines._LINE)  # (a global: read twice per request)
 #: A ``traceparent`` field line (with the CRLF before it) starting a new trace:
 #: random ids, as W3C Trace Context asks.
 _new_traceparent = _TraceLines().take
@@ -336,6 +337,8 @@ class Proxy:
         self.timer = Timer()  # every client connection's deadline
         self.loop = Loop()  # drives the client connections (each escapes to Trio when it must)
         self.draining = False
+        #: Usual exchanges take the express lane (see _client); False: all take _exchange.
+        self.express = True
         self._accepting = trio.CancelScope()
         self._idle: set[Deadline] = set()  # connections waiting for their next request
         self._drained = trio.Event()  # set once draining and no connection is left
@@ -455,21 +458,38 @@ class Proxy:
 
     @types.coroutine
     def _client(self, sock: socket.socket, addr: tuple[str, int]) -> Generator[Any, Any, None]:
-        """One client connection, to its end. A generator (:func:`types.coroutine`):
-        the usual waits, for the next request here and for the upstream's answer in
-        :meth:`_express`, are yielded to the loop directly (:meth:`Deadline.trap`)."""
+        """One client connection, to its end.
+
+        A generator (:func:`types.coroutine`): the usual waits, for the next request
+        and for the upstream's answer, are yielded to the loop directly
+        (:meth:`Deadline.trap`).
+
+        The express lane proxies the usual exchange here, in this frame (a generator
+        per request was 1.5% of one). Usual: a request
+        :func:`~._http1.usual_request` matches (no body, nothing to drop), a Host
+        seen before, a route, an idle pooled connection to the picked instance, and
+        an answer that arrives with its head in one read, matches
+        :func:`~._http1.usual_response`, has its whole body and is not to be
+        retried. Each step does what :meth:`_exchange`'s helpers do for such a
+        message, in fewer calls. The first step that finds anything else hands
+        over: before routing, to :meth:`_exchange` (``keep`` None); after it, to
+        :meth:`_forward` (:meth:`_hand_over`), where the request is in the middle
+        of its first try. Used without the mesh only (no caller identity or
+        intentions), for a plain (not TLS) client, while ``express`` is set.
+        """
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         dl = self.timer.deadline()
         self.stats.open_connections += 1
         client: Stream | None = None
         try:
             conn = Conn(addr)
-            client = conn.stream = yield from self._open_client(sock, dl, conn)
+            opened: Stream | None = yield from self._open_client(sock, dl, conn)
+            client = conn.stream = opened
             if client is None:
                 return
             idle_timeout = self.config.idle_timeout
             plain = type(client) is Stream  # not TLS: its socket is read and written directly
-            express = plain and self.mesh is None
+            express = plain and self.mesh is None and self.express
             first = True
             while True:
                 head = None
@@ -511,7 +531,102 @@ class Proxy:
                     if head is None:
                         return
                 first = False
-                keep = (yield from self._express(client, dl, head, conn)) if express else None
+                keep: bool | None = None  # None: not usual, _exchange takes it
+                while express:  # the express lane (see above); each way out is a break
+                    m = usual_request(head)
+                    if m is None:
+                        break
+                    method, host = m.group(1, 3)
+                    known = self._hosts.get(host)
+                    if known is None:
+                        break  # its first request: _destination reads and caches the name
+                    kept = without_keep_alive(head, len(head))
+                    if kept is None:
+                        break
+                    service, name = known
+                    lane = self.router.lane(name)
+                    if lane is None:
+                        break  # routes to match, or no such service: _exchange
+                    now = self._clock()
+                    endpoint = lane.begin(now)
+                    if endpoint is None:
+                        break  # refused, or no instance to take it at once: _exchange
+                    up_head = kept[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
+                    try_deadline = self.timer.now() + lane.first_try
+                    upstream = self.pool.take_idle(endpoint.key, now, peek=False)
+                    if upstream is None:
+                        keep = yield from self._hand_over(client, dl, method, up_head, lane,
+                                                          service, endpoint)  # fmt: skip
+                        break
+                    dl.set(try_deadline)
+                    usock = upstream.sock
+                    try:
+                        whole = usock.send(up_head) == len(up_head)
+                    except OSError:  # reset while idle, or a full buffer (not when idle)
+                        whole = False
+                    if not whole:  # nothing usable was sent: a new try, as for a stale one
+                        self.pool.discard(upstream)
+                        keep = yield from self._hand_over(client, dl, method, up_head, lane,
+                                                          service, endpoint)  # fmt: skip
+                        break
+                    try:
+                        trap = dl.trap(usock)
+                        if trap is None:  # escaped to Trio earlier (a tunnel, a 100-continue)
+                            yield from dl.wait(usock)
+                        else:
+                            try:
+                                yield trap
+                            finally:
+                                dl.waiting = None
+                        data = usock.recv(RECV_SIZE)
+                    except (OSError, DeadlineExceeded):
+                        data = b""  # _forward meets the same again and handles it
+                    except BaseException:  # the loop closing us: the only wait before end()
+                        lane.release()
+                        raise
+                    resp = usual_response(data)
+                    out = None  # the answer as _respond forwards it: no hop-by-hop lines
+                    if resp is not None:
+                        code, length = resp.group(1, 2)
+                        status = int(code)
+                        end = resp.end()
+                        if not (
+                            len(data) != end + int(length)  # the whole body, nothing more
+                            or status == 204
+                            or status == 304
+                            or (status in lane.route.retries.retry_statuses
+                                and may_retry(method, body_replayable=True))
+                        ):  # fmt: skip
+                            out = without_keep_alive(data, end)
+                    if out is None:
+                        upstream.buf += data
+                        keep = yield from self._hand_over(client, dl, method, up_head, lane,
+                                                          service, endpoint, upstream)  # fmt: skip
+                        break
+                    done = self._clock()
+                    lane.end(endpoint, status, done - now, done)
+                    if self.draining:
+                        cut = out.find(b"\r\n\r\n") + 2
+                        out = out[:cut] + b"Connection: close\r\n" + out[cut:]
+                    try:
+                        try:
+                            sent = client.sock.send(out)
+                        except BlockingIOError:
+                            sent = 0
+                        if sent != len(out):  # a full socket buffer: Stream.send waits
+                            dl.after(self.config.idle_timeout)  # (the next wait sets its own)
+                            yield from client.send(memoryview(out)[sent:], dl)
+                    except DeadlineExceeded:
+                        self.pool.discard(upstream)
+                        self._refuse("body-timeout")
+                        keep = False
+                        break
+                    except BaseException:
+                        self.pool.discard(upstream)
+                        raise
+                    self.pool.release(upstream, done)
+                    keep = not self.draining
+                    break
                 if keep is None:
                     keep = yield from self._exchange(client, dl, head, conn)
                 if not keep:
@@ -776,115 +891,6 @@ class Proxy:
         finally:
             state.release()
 
-    @types.coroutine
-    def _express(self, client: Stream, dl: Deadline, head: bytes,
-                 conn: Conn) -> Generator[Any, Any, bool | None]:  # fmt: skip
-        """Proxy the usual exchange in one frame; None: ``head`` is not usual, nothing done.
-
-        Usual: a request :func:`~._http1.usual_request` matches (no body, nothing
-        to drop), a Host seen before, a route, an idle pooled connection to the
-        picked instance, and an answer that arrives with its head in one read,
-        matches :func:`~._http1.usual_response`, has its whole body and is not
-        to be retried. Each step does what :meth:`_exchange`'s helpers do for
-        such a message, in fewer calls. The first step that finds anything else
-        hands over: before routing, to :meth:`_exchange`; after it, to
-        :meth:`_forward`, where the request is in the middle of its first try.
-        Used without the mesh only (no caller identity or intentions), for a plain
-        (not TLS) ``client``.
-        """
-        m = usual_request(head)
-        if m is None:
-            return None
-        method, host = m.group(1, 3)
-        known = self._hosts.get(host)
-        if known is None:
-            return None  # its first request: _destination reads and caches the name
-        kept = without_keep_alive(head, len(head))
-        if kept is None:
-            return None
-        service, name = known
-        lane = self.router.lane(name)
-        if lane is None:
-            return None  # routes to match, or no such service: _exchange
-        now = self._clock()
-        endpoint = lane.begin(now)
-        if endpoint is None:
-            return None  # refused, or no instance to take it at once: _exchange
-        up_head = kept[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
-        try_deadline = self.timer.now() + lane.first_try
-        upstream = self.pool.take_idle(endpoint.key, now, peek=False)
-        if upstream is None:
-            handed: bool = yield from self._hand_over(client, dl, method, up_head, lane, service,
-                                                      endpoint)  # fmt: skip
-            return handed
-        dl.set(try_deadline)
-        usock = upstream.sock
-        try:
-            whole = usock.send(up_head) == len(up_head)
-        except OSError:  # reset while idle, or a full buffer (not on an idle connection)
-            whole = False
-        if not whole:  # nothing usable was sent: a new try, as for a stale connection
-            self.pool.discard(upstream)
-            handed = yield from self._hand_over(client, dl, method, up_head, lane, service,
-                                                endpoint)  # fmt: skip
-            return handed
-        try:
-            trap = dl.trap(usock)
-            if trap is None:  # escaped to Trio earlier (a tunnel, a 100-continue wait)
-                yield from dl.wait(usock)
-            else:
-                try:
-                    yield trap
-                finally:
-                    dl.waiting = None
-            data = usock.recv(RECV_SIZE)
-        except (OSError, DeadlineExceeded):
-            data = b""  # _forward meets the same again and handles it
-        except BaseException:  # the loop closing us: the lane's only wait before end()
-            lane.release()
-            raise
-        resp = usual_response(data)
-        out = None  # the answer as _respond forwards it: without hop-by-hop lines
-        if resp is not None:
-            code, length = resp.group(1, 2)
-            status = int(code)
-            end = resp.end()
-            if not (
-                len(data) != end + int(length)  # the whole body, nothing more
-                or status == 204
-                or status == 304
-                or (status in lane.route.retries.retry_statuses
-                    and may_retry(method, body_replayable=True))
-            ):  # fmt: skip
-                out = without_keep_alive(data, end)
-        if out is None:
-            upstream.buf += data
-            handed = yield from self._hand_over(client, dl, method, up_head, lane, service,
-                                                endpoint, upstream)  # fmt: skip
-            return handed
-        done = self._clock()
-        lane.end(endpoint, status, done - now, done)
-        if self.draining:
-            cut = out.find(b"\r\n\r\n") + 2
-            out = out[:cut] + b"Connection: close\r\n" + out[cut:]
-        try:
-            try:
-                sent = client.sock.send(out)
-            except BlockingIOError:
-                sent = 0
-            if sent != len(out):  # a full socket buffer: Stream.send waits for the rest
-                dl.after(self.config.idle_timeout)  # (the next wait sets its own)
-                yield from client.send(memoryview(out)[sent:], dl)
-        except DeadlineExceeded:
-            self.pool.discard(upstream)
-            self._refuse("body-timeout")
-            return False
-        except BaseException:
-            self.pool.discard(upstream)
-            raise
-        self.pool.release(upstream, done)
-        return not self.draining
-
     async def _hand_over(self, client: Stream, dl: Deadline, method: bytes, head: bytes,
                          lane: Lane, service: bytes, endpoint: Endpoint,
                          sent: Stream | None = None) -> bool:  # fmt: skip
@@ -938,9 +944,9 @@ class Proxy:
         """Send the request (``head`` as it goes upstream) to an instance, with the route's
         retries and timeouts, and the response back; True if the client connection stays.
 
-        ``picked``: the caller has counted the request in the retry budget and picked
-        the first instance (:meth:`_express`); ``sent``: and sent the request to it on
-        this connection, so the first try reads its answer.
+        ``picked``: the caller (the express lane in :meth:`_client`) has counted the
+        request in the retry budget and picked the first instance; ``sent``: and sent
+        the request to it on this connection, so the first try reads its answer.
         """
         route = state.route
         policy = route.retries

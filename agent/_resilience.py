@@ -38,6 +38,7 @@ __all__ = [
     "REPLAY_BUFFER",
     "ConcurrencyLimit",
     "Ejection",
+    "InstanceState",
     "OutlierConfig",
     "OutlierDetector",
     "RetryBudget",
@@ -251,7 +252,9 @@ class Ejection:
     multiplier: int  # 1 on a first ejection, up to MAX_EJECTION_MULTIPLIER
 
 
-class _InstanceState:
+class InstanceState:
+    """One instance's failure count and ejection (kept by :class:`OutlierDetector`)."""
+
     __slots__ = ("ejected_until", "failures", "multiplier")
 
     def __init__(self) -> None:
@@ -294,7 +297,7 @@ class OutlierDetector:
 
     def __init__(self, config: OutlierConfig | None = None) -> None:
         self.config = config or OutlierConfig()
-        self._instances: dict[str, _InstanceState] = {}
+        self._instances: dict[str, InstanceState] = {}
         self._latest = -math.inf  # the latest end of an ejection (any_ejected's bound)
         #: ejections made (Envoy outlier_detection.ejections_enforced_total).
         self.ejections_total = 0
@@ -313,7 +316,7 @@ class OutlierDetector:
         change); the percentage cap is taken of this set.
         """
         old = self._instances
-        self._instances = {i: old.get(i) or _InstanceState() for i in ids}
+        self._instances = {i: old.get(i) or InstanceState() for i in ids}
         self._latest = max((s.ejected_until for s in self._instances.values()), default=-math.inf)
 
     def record(self, instance_id: str, ok: bool, now: float) -> Ejection | None:
@@ -363,6 +366,11 @@ class OutlierDetector:
         """Whether the balancer must skip ``instance_id`` at ``now`` (False if unknown)."""
         state = self._instances.get(instance_id)
         return state is not None and state.ejected_until > now
+
+    def state(self, instance_id: str) -> InstanceState | None:
+        """``instance_id``'s state, for a caller that records successes itself
+        (``failures = 0``: :meth:`record` of a success); None: not an instance here."""
+        return self._instances.get(instance_id)
 
     def any_ejected(self, now: float) -> bool:
         """Whether any instance is ejected at ``now`` (one comparison: asked per request)."""

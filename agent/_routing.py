@@ -44,6 +44,7 @@ from ._balancer import EndpointStats, StatsTable, pick
 from ._http1 import HttpError
 from ._resilience import (
     ConcurrencyLimit,
+    InstanceState,
     OutlierConfig,
     OutlierDetector,
     RetryBudget,
@@ -78,10 +79,12 @@ class Endpoint:
     inbound_port: int = DEFAULT_INBOUND_PORT
     external: bool = False  # a server-owned record with no agent: dialled directly
     uid: str = ""  # "<node>/<id>": unique in the catalog; keys balancer and ejection state
+    #: (host, port): the connection pool's key. A field made once, not a property: the
+    #: express lane reads it per request.
+    key: tuple[str, int] = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.host, self.port)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.host, self.port))
 
     @property
     def inbound(self) -> tuple[str, int]:
@@ -573,8 +576,8 @@ class Lane:
         target = DEFAULT_ROUTE.targets[0]
         subset = svc.subsets.get(target) if target.weight else None
         self._subset = subset if subset is not None and (subset.healthy or subset.all) else None
-        # uid -> (balancer stats, attempts counter): pick's two lookups in one
-        self._loads: dict[str, tuple[EndpointStats, CounterChild]] = {}
+        # uid -> (balancer stats, attempts counter, outlier state): the lookups in one
+        self._loads: dict[str, tuple[EndpointStats, CounterChild, InstanceState | None]] = {}
         #: A newer snapshot came (its update may have dropped and remade stats).
         self.stale = False
 
@@ -593,7 +596,8 @@ class Lane:
         if bucket is not None and not bucket.try_take(now):
             limit.release()
             return None
-        self._series.requests.inc()
+        # Counters in place (CounterChild's _value): a call per counter was 1% of a request.
+        self._series.requests._value += 1
         rt.budget.deposit(now)
         rng = self._router.rng
         rng.random()  # pick's target draw (one target: its value is not needed)
@@ -605,9 +609,10 @@ class Lane:
         load = self._loads.get(chosen.uid)
         if load is None:
             counter = rt.instance_counter(self._router, self.svc, chosen)
-            load = self._loads[chosen.uid] = (rt.stats.get(chosen.uid), counter)
+            load = self._loads[chosen.uid] = (rt.stats.get(chosen.uid), counter,
+                                              rt.outlier.state(chosen.uid))  # fmt: skip
         load[0].outstanding += 1  # EndpointStats.start
-        load[1].inc()
+        load[1]._value += 1
         return chosen
 
     def end(self, endpoint: Endpoint, status: int, latency: float, now: float) -> None:
@@ -622,13 +627,14 @@ class Lane:
             state.count_response(status, latency)
             state.release()
             return
-        rt = self._rt
-        self._loads[endpoint.uid][0].finish(now, latency, True)
-        rt.outlier.record(endpoint.uid, True, now)
+        stats, _, outlier = self._loads[endpoint.uid]
+        stats.finish(now, latency, True)
+        if outlier is not None:  # OutlierDetector.record of a success
+            outlier.failures = 0
         series = self._series
-        (series.responses[status // 100] or series.response(status)).inc()
+        (series.responses[status // 100] or series.response(status))._value += 1
         series.latency.observe(latency)
-        rt.limit.release()
+        self._rt.limit.release()
 
     def release(self) -> None:
         """End the request :meth:`begin` started without an answer (as

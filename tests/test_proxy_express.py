@@ -1,7 +1,7 @@
 """The proxy's express lane against its general path, through a real agent.
 
-The usual keep-alive exchange is proxied in one frame (``Proxy._express``);
-anything unusual is handed to the general path, before routing or in the
+The usual keep-alive exchange is proxied in one frame (the express lane in
+``Proxy._client``); anything unusual is handed to the general path, before routing or in the
 middle of the first try. Either way the backend must receive, and the client
 get, the same bytes as through the general path alone. The backend here
 answers with fixed bytes in one write, as nginx does, so that responses can
@@ -156,8 +156,7 @@ async def through(
 
             patched.enter_context(mock.patch.object(proxy, name, counted))
         if general:
-            patched.enter_context(mock.patch.object(proxy, "_express",
-                                                    mock.AsyncMock(return_value=None)))  # fmt: skip
+            patched.enter_context(mock.patch.object(proxy, "express", False))
         answers = await exchange(m, heads)
     return answers, calls
 
