@@ -89,7 +89,7 @@ class Deadline:
         self._armed = -math.inf  # never armed again
         self._timer._live -= 1
 
-    def trap(self, sock: socket.socket) -> tuple[int, socket.socket, int] | None:
+    def trap(self, sock: socket.socket) -> tuple[Any, ...] | None:
         """What a generator driven by the loop yields to wait for ``sock`` to be readable
         within the deadline, without :meth:`wait`'s generator (the proxy's express lane);
         None outside the loop, where the caller waits with :meth:`wait` instead. The
@@ -106,7 +106,7 @@ class Deadline:
             return None
         self.waiting = sock
         self.loop = loop
-        return (WAIT, sock, READABLE)
+        return loop.park(sock)
 
     @types.coroutine
     def wait(self, sock: socket.socket, *, writable: bool = False) -> Generator[Any, Any, None]:

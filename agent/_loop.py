@@ -38,6 +38,7 @@ from typing import Any, Protocol, cast
 import trio
 
 __all__ = [
+    "PARKED",
     "READABLE",
     "WAIT",
     "WRITABLE",
@@ -53,10 +54,12 @@ _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 # Errors and hang-ups are reported whatever was asked for; they wake any waiter.
 _ANY = select.EPOLLERR | select.EPOLLHUP
-_WAIT, _ESCAPE, _YIELD = 0, 1, 2
+_WAIT, _ESCAPE, _YIELD, _PARK = 0, 1, 2, 3
 #: What a wait yields to the loop driving it: (WAIT, socket, READABLE or WRITABLE)
 #: (for :meth:`~._deadline.Deadline.wait`, which yields it itself).
 WAIT, READABLE, WRITABLE = _WAIT, _IN, _OUT
+#: What a wait yields when :meth:`Loop.park` has registered it: nothing left to do.
+PARKED = (_PARK,)
 #: epoll events fetched per poll.
 MAX_EVENTS = 256
 #: s of connection work before Trio's other tasks get a turn. A saturated proxy
@@ -145,6 +148,7 @@ class Loop:
         self._waiters: dict[int, tuple[Driven, int]] = {}  # fd -> (coro, mask)
         self._ready: list[tuple[Driven, BaseException | None]] = []
         self._live: set[Driven] = set()
+        self._current: Driven | None = None  # the coroutine being resumed
         self._sleep: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._error: BaseException | None = None
@@ -228,22 +232,23 @@ class Loop:
         step = self._step
         done = 0
         for fd, ev in events:
-            waiter = waiters.get(fd)
+            waiter = waiters.pop(fd, None)
             if waiter is None or not ev & waiter[1]:
+                if waiter is not None:  # (woken only by what it waits for)
+                    waiters[fd] = waiter
                 bits[fd] = bits.get(fd, 0) | ev
             elif done >= 0:
-                del waiters[fd]
                 step(waiter[0], None)
                 done += 1
                 if not done % 4 and perf_counter() - started > BATCH_TIME:
                     done = -1
             else:
-                del waiters[fd]
                 self._ready.append((waiter[0], None))
         return done
 
     def _step(self, coro: Driven, exc: BaseException | None) -> None:
         # (run() has set _driving for the batch.)
+        self._current = coro
         try:
             trap = coro.send(None) if exc is None else coro.throw(exc)
         except StopIteration:
@@ -252,6 +257,8 @@ class Loop:
         except BaseException as error:  # a bug in the connection code: end the loop
             self._live.discard(coro)
             self._error = error
+            return
+        if trap is PARKED:
             return
         kind = trap[0] if type(trap) is tuple else None
         if kind == _WAIT:
@@ -276,6 +283,22 @@ class Loop:
             self._live.discard(coro)
             coro.close()
             self._error = RuntimeError(f"a Trio operation reached the proxy loop: {trap!r}")
+
+    def park(self, sock: socket.socket) -> tuple[Any, ...]:
+        """What the coroutine being resumed yields to wait until ``sock`` is readable:
+        :data:`PARKED` when this registered it already (the usual case of
+        :meth:`_step`'s, a registered socket with no event seen for it: the yield
+        then carries nothing for the loop to read), else the wait's trap."""
+        fd = sock.fileno()
+        if (
+            self._registered.get(fd) is sock
+            and not self._bits.get(fd, 0) & (_IN | _ANY)
+            and fd not in self._waiters
+        ):
+            assert self._current is not None
+            self._waiters[fd] = (self._current, _IN | _ANY)
+            return PARKED
+        return (_WAIT, sock, _IN)
 
     def _wait(self, coro: Driven, sock: socket.socket, want: int) -> None:
         fd = sock.fileno()

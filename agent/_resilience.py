@@ -293,12 +293,13 @@ class OutlierDetector:
     catalog.
     """
 
-    __slots__ = ("_instances", "_latest", "config", "ejections_total", "overflow_total")
+    __slots__ = ("_instances", "config", "ejected_until", "ejections_total", "overflow_total")
 
     def __init__(self, config: OutlierConfig | None = None) -> None:
         self.config = config or OutlierConfig()
         self._instances: dict[str, InstanceState] = {}
-        self._latest = -math.inf  # the latest end of an ejection (any_ejected's bound)
+        #: s: the latest end of an ejection; none is in force from then on (any_ejected)
+        self.ejected_until = -math.inf
         #: ejections made (Envoy outlier_detection.ejections_enforced_total).
         self.ejections_total = 0
         #: ejections skipped by the percentage cap (Envoy ejections_overflow).
@@ -317,7 +318,9 @@ class OutlierDetector:
         """
         old = self._instances
         self._instances = {i: old.get(i) or InstanceState() for i in ids}
-        self._latest = max((s.ejected_until for s in self._instances.values()), default=-math.inf)
+        self.ejected_until = max(
+            (s.ejected_until for s in self._instances.values()), default=-math.inf
+        )
 
     def record(self, instance_id: str, ok: bool, now: float) -> Ejection | None:
         """Feed the outcome of one attempt to ``instance_id``.
@@ -352,7 +355,7 @@ class OutlierDetector:
         state.multiplier = min(state.multiplier + 1, MAX_EJECTION_MULTIPLIER)
         duration = self.config.base_ejection * state.multiplier
         state.ejected_until = now + duration
-        self._latest = max(self._latest, state.ejected_until)
+        self.ejected_until = max(self.ejected_until, state.ejected_until)
         state.failures = 0
         self.ejections_total += 1
         return Ejection(instance_id, state.ejected_until, duration, state.multiplier)
@@ -374,7 +377,7 @@ class OutlierDetector:
 
     def any_ejected(self, now: float) -> bool:
         """Whether any instance is ejected at ``now`` (one comparison: asked per request)."""
-        return self._latest > now
+        return self.ejected_until > now
 
     def ejected(self, now: float) -> set[str]:
         """The ids ejected at ``now``."""

@@ -587,7 +587,7 @@ class Lane:
         refusing (the general path refuses and counts it)."""
         rt = self._rt
         subset = self._subset
-        if subset is None or rt.outlier.any_ejected(now):
+        if subset is None or rt.outlier.ejected_until > now:  # (any_ejected, without a call)
             return None
         limit = rt.limit
         if not limit.try_acquire():
