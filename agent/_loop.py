@@ -54,6 +54,7 @@ _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 # Errors and hang-ups are reported whatever was asked for; they wake any waiter.
 _ANY = select.EPOLLERR | select.EPOLLHUP
+_IN_ANY = _IN | _ANY
 _WAIT, _ESCAPE, _YIELD, _PARK = 0, 1, 2, 3
 #: What a wait yields to the loop driving it: (WAIT, socket, READABLE or WRITABLE)
 #: (for :meth:`~._deadline.Deadline.wait`, which yields it itself).
@@ -148,7 +149,7 @@ class Loop:
         self._waiters: dict[int, tuple[Driven, int]] = {}  # fd -> (coro, mask)
         self._ready: list[tuple[Driven, BaseException | None]] = []
         self._live: set[Driven] = set()
-        self._current: Driven | None = None  # the coroutine being resumed
+        self._current: Driven = cast(Driven, None)  # the coroutine being resumed (by _step)
         self._sleep: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._error: BaseException | None = None
@@ -292,11 +293,10 @@ class Loop:
         fd = sock.fileno()
         if (
             self._registered.get(fd) is sock
-            and not self._bits.get(fd, 0) & (_IN | _ANY)
+            and not self._bits.get(fd, 0) & _IN_ANY
             and fd not in self._waiters
         ):
-            assert self._current is not None
-            self._waiters[fd] = (self._current, _IN | _ANY)
+            self._waiters[fd] = (self._current, _IN_ANY)
             return PARKED
         return (_WAIT, sock, _IN)
 
