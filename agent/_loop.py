@@ -194,28 +194,28 @@ class Loop:
                         await trio.lowlevel.wait_readable(self._ep.fileno())
                     self._sleep = None
                     events = poll(0, MAX_EVENTS)
-                # One batch of at most BATCH_TIME: the waiters the events wake, each
-                # resumed as its event is read, then what was ready before them. What
-                # becomes ready meanwhile (a checkpoint, a wait that finds its event)
-                # and what did not fit run after Trio's other tasks (DNS, gossip, the
-                # API) had a turn.
+                # One batch of at most BATCH_TIME: what was ready before (first: under
+                # load, a batch may end before the events' waiters are all resumed),
+                # then the waiters the events wake, each resumed as its event is read.
+                # What becomes ready meanwhile (a checkpoint, a wait that finds its
+                # event) and what did not fit run after Trio's other tasks (DNS,
+                # gossip, the API) had a turn.
                 ready, self._ready = self._ready, []
                 started = perf_counter()
+                done = 0
                 _driving = self  # for the whole batch: only our coroutines run in it
                 try:
-                    done = self._dispatch(events, started)
-                    if done >= 0:
-                        stepped = 0
-                        for coro, exc in ready:
-                            self._step(coro, exc)
-                            stepped += 1
-                            if not (done + stepped) % 4 and perf_counter() - started > BATCH_TIME:
-                                break
-                        del ready[:stepped]
+                    for coro, exc in ready:
+                        self._step(coro, exc)
+                        done += 1
+                        if not done % 4 and perf_counter() - started > BATCH_TIME:
+                            break
+                    left = ready[done:]
+                    self._dispatch(events, started, -1 if left else done)
                 finally:
                     _driving = None
-                if ready:
-                    self._ready[:0] = ready  # first in the next batch
+                if left:
+                    self._ready[:0] = left  # first in the next batch
                 if self._error is not None:
                     raise self._error
                 if not slept or self._ready:
@@ -224,14 +224,14 @@ class Loop:
             self._sleep = None
             self._close_all()
 
-    def _dispatch(self, events: list[tuple[int, int]], started: float) -> int:
+    def _dispatch(self, events: list[tuple[int, int]], started: float, done: int) -> None:
         """Resume each waiter an event wakes (a list of them, then stepping it, was 1%
-        of a proxied request), within BATCH_TIME of ``started``: past it, the rest are
-        queued. Steps taken; -1: the batch's time ran out."""
+        of a proxied request) until the batch begun at ``started`` has taken
+        BATCH_TIME; after that, and from the start when ``done`` (steps taken in the
+        batch) is -1, queue them."""
         waiters = self._waiters
         bits = self._bits
         step = self._step
-        done = 0
         for fd, ev in events:
             waiter = waiters.pop(fd, None)
             if waiter is None or not ev & waiter[1]:
@@ -245,7 +245,6 @@ class Loop:
                     done = -1
             else:
                 self._ready.append((waiter[0], None))
-        return done
 
     def _step(self, coro: Driven, exc: BaseException | None) -> None:
         # (run() has set _driving for the batch.)

@@ -10,6 +10,7 @@ import trio.lowlevel
 import trio.testing
 from conftest import trio_test
 
+from hostmesh.agent import _loop
 from hostmesh.agent._deadline import DeadlineExceeded, Timer
 from hostmesh.agent._loop import Loop, checkpoint, to_trio, wait_socket
 from hostmesh.agent._pool import Stream
@@ -240,6 +241,53 @@ async def test_other_trio_tasks_run_while_the_loop_is_busy() -> None:
             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
     assert ticks > 100
+
+
+@trio_test(10)
+async def test_a_coroutine_that_yields_is_not_starved_by_socket_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch that ends (BATCH_TIME) before it has resumed every waiter its events
+    woke still runs what was ready before it first in the next batch: a coroutine
+    that yields (a long body's copy) gets a turn per batch, not one behind events
+    that never stop coming."""
+    monkeypatch.setattr(_loop, "BATCH_TIME", 0.0)  # every batch ends after four steps
+    loop = Loop()
+    turns = 0
+    bounces = 0
+
+    async def yielder() -> None:
+        nonlocal turns
+        while True:
+            await checkpoint()
+            turns += 1
+
+    async def bounce(sock: socket.socket) -> None:
+        nonlocal bounces
+        stream = Stream(sock)
+        while await stream.fill():
+            stream.buf.clear()
+            sock.send(b"x")  # back to its partner: a new event, for ever
+            bounces += 1
+
+    pairs = [_pair() for _ in range(8)]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run, nursery)
+            for a, b in pairs:
+                loop.spawn(bounce(a))
+                loop.spawn(bounce(b))
+            await trio.sleep(0.05)
+            loop.spawn(yielder())
+            for _, b in pairs:
+                b.send(b"x")
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+    assert bounces > 200  # the events kept every batch full
+    assert turns > bounces // 10  # one turn per batch of four steps, less Trio's share
+    for a, b in pairs:
+        a.close()
+        b.close()
 
 
 @trio_test(10)
