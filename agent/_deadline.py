@@ -91,8 +91,9 @@ class Deadline:
 
     def trap(self, sock: socket.socket) -> tuple[Any, ...] | None:
         """What a generator driven by the loop yields to wait for ``sock`` to be readable
-        within the deadline, without :meth:`wait`'s generator (the proxy's express lane);
-        None outside the loop, where the caller waits with :meth:`wait` instead. The
+        within the deadline, without :meth:`wait`'s generator (the proxy's express lane;
+        :meth:`~._loop.Loop.park`: usually PARKED, the wait registered already); None
+        outside the loop, where the caller waits with :meth:`wait` instead. The
         caller sets ``waiting`` back to None once the yield returns or raises; it raises
         :class:`DeadlineExceeded` when the deadline passes meanwhile.
 

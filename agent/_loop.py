@@ -14,6 +14,8 @@ itself, and yields to Trio's other tasks between batches.
 A connection coroutine may also be a generator (:func:`types.coroutine`)
 that yields the wait itself (:meth:`~._deadline.Deadline.trap`): no
 generator object is made per wait, and a wake-up resumes one frame fewer.
+Such a wait is usually registered at once (:meth:`Loop.park`) and yields
+:data:`PARKED`, which the loop takes without reading a trap.
 
 A coroutine driven here must not reach a Trio primitive (a cancel scope, a
 nursery, a thread): before one it calls :func:`to_trio`, which moves it into

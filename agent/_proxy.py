@@ -552,13 +552,12 @@ class Proxy:
                     if endpoint is None:
                         break  # refused, or no instance to take it at once: _exchange
                     up_head = kept[:-2] + conn.forwarded + _new_traceparent() + b"\r\n\r\n"
-                    try_deadline = self.timer.now() + lane.first_try
                     upstream = self.pool.take_idle(endpoint.key, now, peek=False)
                     if upstream is None:
                         keep = yield from self._hand_over(client, dl, method, up_head, lane,
                                                           service, endpoint)  # fmt: skip
                         break
-                    dl.set(try_deadline)
+                    dl.set(self.timer.now() + lane.first_try)
                     usock = upstream.sock
                     try:
                         whole = usock.send(up_head) == len(up_head)
